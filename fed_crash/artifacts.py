@@ -1,0 +1,139 @@
+"""Files that travel between model owner and data owners: safetensors and JSON, nothing else.
+
+An emulator folder holds
+
+* ``emulator.safetensors``: non-layer weights and the distinct kept layers (and frozen
+  adapter copies); no removed layer and no adapter;
+* ``adapters.safetensors``: the initial adapters (tuned ones are saved the same way);
+* ``emulator.json``: the manifest (spec, layer map, source model id and hash, clusters, CKA);
+* ``config.json`` and tokenizer files of the source model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+from .emulator import Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
+from .models import layer_path, resolve_device, state_hash
+from .errors import FedCrashError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fed-crash-emulator/1"
+MANIFEST = "emulator.json"
+WEIGHTS = "emulator.safetensors"
+ADAPTERS = "adapters.safetensors"
+
+
+class ArtifactError(FedCrashError):
+    """A missing, corrupted or mismatched artifact file."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"fed_crash": json.dumps(metadata or {})})
+
+
+def save_adapters(path: str | Path, adapters: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """Adapters under the full model's keys; ``metadata`` (e.g. the spec) goes in the header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, adapters, metadata)
+    return path
+
+
+def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"adapter file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ArtifactError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def adapter_metadata(path: str | Path) -> dict:
+    with safe_open(str(path), "pt") as handle:
+        return json.loads((handle.metadata() or {}).get("fed_crash", "{}"))
+
+
+def save_emulator(
+    out_dir: str | Path,
+    model: PreTrainedModel,
+    tokenizer,
+    spec: EmulatorSpec,
+    *,
+    source_id: str,
+    similarity: torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(out / WEIGHTS, emulator_state(model, spec))
+    _save(out / ADAPTERS, adapter_state(model, spec), {"spec": spec.to_dict(), "source_id": source_id})
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    manifest = {
+        "format": FORMAT,
+        "spec": spec.to_dict(),
+        "layer_prefix": layer_path(model),
+        "layer_map": [{"position": i, "source": src, "role": role} for i, (src, role) in enumerate(spec.layer_map())],
+        "sharing_map": {str(k): v for k, v in spec.sharing_map().items()},
+        "source": {"model_id": source_id, "sha256": state_hash(model.state_dict())},
+        "files": {WEIGHTS: file_sha256(out / WEIGHTS), ADAPTERS: file_sha256(out / ADAPTERS)},
+        "clusters": [list(c) for c in spec.clusters],
+        "similarity": similarity.tolist() if similarity is not None else None,
+        **(extra or {}),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    log.info("wrote emulator %s (%s)", out, spec.describe().splitlines()[0])
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not an emulator folder: {MANIFEST} is missing")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_emulator(
+    folder: str | Path, adapters: str | Path | dict | None = None, *, device: str | None = "cpu"
+) -> tuple[Emulator, object, dict]:
+    """Emulator model (with the initial adapters, or ``adapters`` when given), tokenizer, manifest.
+    The weights file's hash is checked against the manifest before it is read."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{weights} is missing")
+    if file_sha256(weights) != manifest["files"][WEIGHTS]:
+        raise ArtifactError(f"{weights} does not match the hash in its manifest (corrupted or replaced)")
+    spec = EmulatorSpec.from_dict(manifest["spec"])
+    config = AutoConfig.from_pretrained(folder)
+    state = {**load_file(str(weights)), **load_adapters(folder / ADAPTERS)}
+    emulator = assemble(config, state, spec)
+    if adapters is not None:
+        emulator.load_adapters(adapters if isinstance(adapters, dict) else load_adapters(adapters))
+    emulator.model.to(resolve_device(device))
+    return emulator, AutoTokenizer.from_pretrained(folder), manifest

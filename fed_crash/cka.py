@@ -1,0 +1,123 @@
+"""Layer representations and linear CKA (Kornblith et al., 2019) between them.
+
+CRaSh compares layers by the similarity of the representations they produce for the same
+inputs. Each layer's output is pooled to one vector per sample, giving a matrix
+``X_l`` of shape (samples, hidden); linear CKA between layers i and j is
+
+    CKA(X, Y) = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F * ||Y_c^T Y_c||_F)
+
+with column-centred X_c, Y_c. It is 1 for identical representations and invariant to
+orthogonal transforms and isotropic scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import get_layers
+
+Pooling = Literal["mean", "last", "weighted"]
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA between two (samples, features) matrices."""
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    cross = (y.T @ x).pow(2).sum()
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def cka_matrix(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Pairwise linear CKA between L feature matrices, through centred Gram matrices
+    (samples x samples), which is cheaper than feature cross products when samples < hidden."""
+    grams = []
+    n = features[0].shape[0]
+    centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    for x in features:
+        x = x.double()
+        grams.append(centre @ (x @ x.T) @ centre)
+    hsic = torch.stack([g.flatten() for g in grams])  # <K_i, K_j> = sum K_i * K_j
+    gram_inner = hsic @ hsic.T
+    norms = gram_inner.diagonal().sqrt()
+    return gram_inner / torch.outer(norms, norms)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: Pooling = "mean", skip_first: int = 0) -> torch.Tensor:
+    """One vector per sample from (batch, seq, hidden) states over the positions in ``mask``.
+
+    ``mean``: masked mean; ``last``: the last real token; ``weighted``: mean weighted by
+    position (1, 2, ..., T), which favours later tokens that have seen more context.
+    ``skip_first`` drops the first positions of every sample from the pool: the first token
+    is often an attention sink with a huge activation that dominates the mean.
+    """
+    mask = mask.to(hidden.dtype).clone()
+    if skip_first:
+        mask[:, :skip_first] = 0
+    if how == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    if how == "weighted":
+        mask = mask * torch.arange(1, mask.shape[1] + 1, dtype=hidden.dtype, device=hidden.device)
+    elif how != "mean":
+        raise ValueError(f"unknown pooling {how!r}; expected mean, last or weighted")
+    return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1e-9)
+
+
+@torch.no_grad()
+def layer_features(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    pooling: Pooling = "mean",
+    skip_first: int = 0,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Pooled output of every decoder layer (embedding output excluded), one (samples, hidden)
+    float32 CPU matrix per layer. Read with forward hooks so that no architecture's own
+    ``hidden_states`` conventions (e.g. the final norm folded into the last entry) leak in."""
+    layers = get_layers(model)
+    device = next(model.parameters()).device
+    pooled: list[list[torch.Tensor]] = [[] for _ in layers]
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def save(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            pooled[index].append(pool(hidden.float(), current["mask"], pooling, skip_first).cpu())
+
+        return save
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for batch in tqdm(list(batches), desc="layer features", disable=not progress):
+            current["mask"] = batch["attention_mask"].to(device)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(chunks) for chunks in pooled]
+
+
+def plot_cka(matrix: torch.Tensor, path: str | Path, *, title: str = "", clusters: Sequence[Sequence[int]] = ()) -> None:
+    """Heatmap of a layer-by-layer CKA matrix, with cluster boundaries drawn when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(matrix.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="linear CKA")
+    for cluster in clusters:
+        lo, hi = cluster[0] - 0.5, cluster[-1] + 0.5
+        ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="cyan", linewidth=1.2))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "layer-wise linear CKA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

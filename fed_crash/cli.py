@@ -1,0 +1,163 @@
+"""``fed-crash``: build emulators, offsite-tune locally, plug adapters in, inspect layer similarity.
+
+Every option of the data, emulator and training configs comes from :mod:`fed_crash.config`,
+so ``--help`` of each command lists exactly the fields the library uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import config as C
+from .errors import FedCrashError
+from .models import DEFAULT_MODEL
+
+log = logging.getLogger("fed_crash")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model: '{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct GGUF), a local folder, .safetensors or .gguf file, or a hub name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--cache-dir", default=None, help="where de-quantized GGUF weights are cached (default: $FED_CRASH_CACHE or ~/.cache/fed-crash)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ... (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fed-crash", description="Offsite-tuning with OFT and CRaSh emulators.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    emu = sub.add_parser("emulator", help="emulator artifacts").add_subparsers(dest="emulator_command", required=True)
+    build = emu.add_parser("build", help="choose the kept layers, print the layer map, write the emulator folder",
+                           description="Build an emulator (uniform/OFT or CRaSh) of a model and write it as safetensors + JSON manifest.")
+    _common(build)
+    build.add_argument("--out", required=True, help="output folder for emulator.safetensors, adapters.safetensors, emulator.json")
+    C.add_arguments(build, C.DataConfig)
+    C.add_arguments(build, C.EmulatorConfig)
+
+    tune = sub.add_parser("tune", help="local offsite-tuning with the four-model report",
+                          description="Build an emulator, train its adapters on instruction data, plug them into the full model, and report held-out loss/perplexity of full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in.")
+    _common(tune)
+    tune.add_argument("--out", required=True, help="output folder (emulator/, adapters.safetensors, report.json)")
+    for cls in (C.DataConfig, C.EmulatorConfig, C.TrainConfig):
+        C.add_arguments(tune, cls, skip=("seed",) if cls is C.TrainConfig else ())
+    C.add_arguments(tune, C.TuneSizes)
+
+    plugin = sub.add_parser("plugin", help="write tuned adapters into the full model and save it",
+                            description="Plug adapters (safetensors, full-model keys) into the full model; keys, shapes and dtypes are checked.")
+    _common(plugin)
+    plugin.add_argument("--adapters", required=True, help="adapters .safetensors file")
+    plugin.add_argument("--out", required=True, help="output folder for the plugged-in model (safetensors + tokenizer)")
+
+    sim = sub.add_parser("similarity", help="layer-by-layer CKA heatmap (PNG) and clusters (JSON)",
+                         description="Run the model on calibration samples, compute linear CKA between all decoder layers, cluster the middle span like CRaSh, and draw the heatmap.")
+    _common(sim)
+    sim.add_argument("--out", required=True, help="output folder for cka.png and cka.json")
+    C.add_arguments(sim, C.DataConfig)
+    C.add_arguments(sim, C.EmulatorConfig, skip=("method", "share", "edge_fill"))
+    return parser
+
+
+def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.EmulatorConfig:
+    cfg = C.from_args(C.EmulatorConfig, args)
+    if method:
+        cfg.method = method
+    return cfg
+
+
+def cmd_emulator_build(args: argparse.Namespace) -> None:
+    from .artifacts import save_emulator
+    from .data import load_instructions, split_rows
+    from .models import load_model
+    from .pipeline import plan_emulator
+
+    data, emu = C.from_args(C.DataConfig, args), _emulator_config(args)
+    loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
+    calibration = []
+    if emu.method == "crash":
+        rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
+        calibration = split_rows(rows, {"calibration": emu.calib_samples}, seed=data.seed)["calibration"]
+    spec, similarity = plan_emulator(loaded.model, loaded.tokenizer, calibration, data, emu, progress=not args.no_progress)
+    out = save_emulator(args.out, loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
+    print(spec.describe())
+    if spec.clusters:
+        print("clusters: " + " ".join("[" + ",".join(map(str, c)) + "]" for c in spec.clusters))
+    print(f"wrote {out}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from .pipeline import tune
+
+    train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
+    report = tune(
+        args.model, C.from_args(C.DataConfig, args), _emulator_config(args), train, C.from_args(C.TuneSizes, args),
+        args.out, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+    )
+    print(f"{'model':<22} {'loss':>8} {'ppl':>10}")
+    for name in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"):
+        print(f"{name:<22} {report[name]['loss']:>8.4f} {report[name]['ppl']:>10.2f}")
+    print(f"wrote {Path(args.out) / 'report.json'}")
+
+
+def cmd_plugin(args: argparse.Namespace) -> None:
+    from .artifacts import load_adapters
+    from .emulator import plug_in
+    from .models import load_model
+
+    loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
+    plug_in(loaded.model, load_adapters(args.adapters))
+    loaded.model.save_pretrained(args.out, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    from .cka import plot_cka
+    from .data import load_instructions, split_rows
+    from .emulator import make_spec
+    from .models import get_layers, load_model
+    from .pipeline import layer_similarity
+
+    data, emu = C.from_args(C.DataConfig, args), _emulator_config(args, method="crash")
+    loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
+    rows = split_rows(load_instructions(data.data, skip_malformed=data.skip_malformed), {"calibration": emu.calib_samples}, seed=data.seed)["calibration"]
+    matrix = layer_similarity(loaded.model, loaded.tokenizer, rows, data, emu, progress=not args.no_progress)
+    spec = make_spec("crash", len(get_layers(loaded.model)), bottom=emu.bottom, top=emu.top,
+                     keep=emu.keep or None, keep_ratio=None if emu.keep else emu.keep_ratio, similarity=matrix)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{Path(loaded.model_id).name}: linear CKA, {emu.pooling} pooling, {len(rows)} samples"
+    plot_cka(matrix, out / "cka.png", title=title, clusters=spec.clusters)
+    adjacent = [float(matrix[i, i + 1]) for i in range(len(matrix) - 1)]
+    (out / "cka.json").write_text(json.dumps({
+        "model": loaded.model_id, "samples": len(rows), "pooling": emu.pooling, "skip_first": emu.skip_first,
+        "clusters": [list(c) for c in spec.clusters], "kept": list(spec.kept),
+        "adjacent_cka": adjacent, "cka": matrix.tolist(),
+    }, indent=1))
+    print("clusters: " + " ".join("[" + ",".join(map(str, c)) + "]" for c in spec.clusters))
+    print(f"wrote {out / 'cka.png'} and {out / 'cka.json'}")
+
+
+COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler = cmd_emulator_build if args.command == "emulator" else COMMANDS[args.command]
+    try:
+        handler(args)
+    except FedCrashError as err:
+        print(f"fed-crash: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The config schema: dataclasses whose fields carry their help text.
+
+The same dataclasses feed the CLI (one ``--flag`` per field, help from the field) and flat
+key/value configs such as Flower's run config (:func:`from_mapping`, which rejects unknown
+keys and wrong types by name), so an option is defined once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from .errors import FedCrashError
+
+
+class ConfigError(FedCrashError):
+    """An unknown key or a value of the wrong type; the message names the key."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    data: str = opt("tatsu-lab/alpaca", "Alpaca-format instruction data: a local .json/.jsonl file or a hub dataset name")
+    template: str = opt("alpaca", "prompt template: 'alpaca' or the model's 'chat' template", choices=("alpaca", "chat"))
+    max_length: int = opt(256, "truncate each example to this many tokens")
+    skip_malformed: bool = opt(False, "skip and count malformed rows instead of failing on the first one")
+    seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices")
+
+
+@dataclass
+class EmulatorConfig:
+    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT) or 'crash' (CKA clusters)", choices=("uniform", "crash"))
+    bottom: int = opt(2, "adapter layers at the bottom (trained by data owners)")
+    top: int = opt(2, "adapter layers at the top (trained by data owners)")
+    keep: int = opt(0, "middle layers to keep; 0 means use --keep-ratio")
+    keep_ratio: float = opt(0.4, "fraction of the middle span to keep when --keep is 0 (0.4: 10 of 26 for a 30-layer model)")
+    share: bool = opt(True, "fill removed positions with the nearest kept layer (tied), keeping full depth")
+    edge_fill: str = opt("nearest", "fill removed positions next to an adapter with the 'nearest' kept layer or a frozen copy of the 'adapter'", choices=("nearest", "adapter"))
+    calib_samples: int = opt(512, "calibration samples for CRaSh's CKA (formatted like training data)")
+    pooling: str = opt("mean", "how a layer's token states become one vector per sample", choices=("mean", "last", "weighted"))
+    skip_first: int = opt(0, "leave the first N tokens out of pooling (1 removes the attention-sink token)")
+    calib_batch_size: int = opt(8, "batch size of the calibration forward passes")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(200, "optimizer steps; 0 means --epochs passes over the training data")
+    epochs: float = opt(1.0, "passes over the training data when --steps is 0")
+    batch_size: int = opt(4, "training batch size")
+    lr: float = opt(1e-4, "peak AdamW learning rate (cosine schedule)")
+    warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this value (0: off)")
+    lora_rank: int = opt(0, "LoRA rank on the adapter layers through peft (0: train the adapters fully)")
+    lora_alpha: int = opt(16, "LoRA alpha")
+    seed: int = opt(0, "seed of the batch order and any dropout")
+
+
+@dataclass
+class TuneSizes:
+    train_examples: int = opt(2000, "training examples (the data owner's data)")
+    eval_examples: int = opt(200, "held-out examples for the four-model report")
+    eval_batch_size: int = opt(8, "batch size of held-out evaluation")
+
+
+def _base_type(tp: Any) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[tp] if isinstance(tp, str) else tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field, default and help from the field."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if tp is bool:
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=f.default, help=help_text, choices=f.metadata.get("choices"))
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def from_mapping(cls: type, values: Mapping[str, Any], *, where: str = "config") -> Any:
+    """Build ``cls`` from a flat mapping, rejecting unknown keys (with a suggestion), values of
+    the wrong type and values outside the field's choices, each by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        f = fields[name]
+        tp = _base_type(f.type)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        if f.metadata.get("choices") and value not in f.metadata["choices"]:
+            raise ConfigError(f"{where}: {key!r} must be one of {list(f.metadata['choices'])}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+

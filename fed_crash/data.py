@@ -1,0 +1,208 @@
+"""Instruction data: Alpaca-format rows in, padded token batches with response-only labels out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from .errors import FedCrashError
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label value that the loss skips (prompt and padding tokens)
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+Template = Literal["alpaca", "chat"]
+
+
+class DataError(FedCrashError):
+    """Missing data file or malformed row; the message names the file and row."""
+
+
+def load_instructions(
+    source: str | Path, *, skip_malformed: bool = False, split: str = "train"
+) -> list[dict[str, str]]:
+    """Rows with ``instruction``, ``input`` (may be empty) and ``output`` strings.
+
+    ``source`` is a ``.json`` list or ``.jsonl`` file, or a hub dataset name. A malformed
+    row raises :class:`DataError` naming its (0-based) row number, or, with
+    ``skip_malformed``, is skipped and counted in the log.
+    """
+    path = Path(source).expanduser()
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        raw = _read_local(path)
+    else:
+        raw = _read_hub(str(source), split)
+    rows, bad = [], 0
+    for i, row in enumerate(raw):
+        problem = _row_problem(row)
+        if problem is None:
+            rows.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})
+        elif skip_malformed:
+            bad += 1
+        else:
+            raise DataError(f"{source}: row {i}: {problem} (pass skip_malformed to skip such rows)")
+    if bad:
+        log.warning("%s: skipped %d malformed rows of %d", source, bad, len(raw))
+    if not rows:
+        raise DataError(f"{source}: no usable rows")
+    return rows
+
+
+def _read_local(path: Path) -> list:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {n + 1} is not valid JSON ({err.msg})") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return data
+
+
+def _read_hub(name: str, split: str) -> list:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "not loadable"
+        raise DataError(
+            f"could not load dataset {name!r}: not a local file and the hub did not answer "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+
+
+def _row_problem(row: object) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected an object, got {type(row).__name__}"
+    for field in ("instruction", "output"):
+        if field not in row:
+            return f"missing field {field!r}"
+        if not isinstance(row[field], str):
+            return f"field {field!r} must be a string, got {type(row[field]).__name__}"
+    if not row["instruction"].strip():
+        return "empty 'instruction'"
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        return f"field 'input' must be a string, got {type(row['input']).__name__}"
+    return None
+
+
+def format_prompt(row: dict[str, str], template: Template = "alpaca", tokenizer=None) -> str:
+    """The prompt the response follows: the Alpaca template, or the model's chat template."""
+    if template == "alpaca":
+        fmt = ALPACA_PROMPT if row["input"] else ALPACA_PROMPT_NO_INPUT
+        return fmt.format(instruction=row["instruction"], input=row["input"])
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("template 'chat' needs a tokenizer with a chat template")
+        content = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    raise DataError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+
+
+def tokenize(
+    rows: Sequence[dict[str, str]],
+    tokenizer,
+    *,
+    max_length: int = 256,
+    template: Template = "alpaca",
+) -> list[Tokenized]:
+    """Prompt + response + EOS, truncated to ``max_length``; loss only on response tokens.
+
+    Examples whose prompt alone fills ``max_length`` have no response token left and are
+    dropped (counted in the log), since they would contribute nothing to the loss.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out, dropped = [], 0
+    for row in rows:
+        prompt = tokenizer(format_prompt(row, template, tokenizer), add_special_tokens=False).input_ids
+        response = tokenizer(row["output"], add_special_tokens=False).input_ids + eos
+        ids = (prompt + response)[:max_length]
+        labels = ([IGNORE] * len(prompt) + response)[:max_length]
+        if all(label == IGNORE for label in labels):
+            dropped += 1
+            continue
+        out.append(Tokenized(ids, labels))
+    if dropped:
+        log.warning("dropped %d of %d examples whose prompt fills max_length=%d", dropped, len(rows), max_length)
+    return out
+
+
+def collate(examples: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out and ignored by the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(
+    examples: Sequence[Tokenized], batch_size: int, pad_id: int, *, shuffle: bool = False, seed: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def split_rows(
+    rows: Sequence[dict[str, str]], sizes: dict[str, int], seed: int = 0
+) -> dict[str, list[dict[str, str]]]:
+    """Disjoint named slices of one seeded permutation, in the order given (e.g. eval first,
+    so the held-out set does not change when the training size does)."""
+    need = sum(sizes.values())
+    if need > len(rows):
+        raise DataError(f"asked for {need} examples ({sizes}) but the data has only {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name] = [rows[i] for i in order[start : start + size]]
+        start += size
+    return out

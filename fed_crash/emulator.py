@@ -1,0 +1,397 @@
+"""The emulator: which layers a data owner gets, how they are arranged, and the runnable model.
+
+A model with L decoder layers is cut into bottom adapters ``[0, bottom)``, a middle span
+``[bottom, L - top)`` and top adapters ``[L - top, L)``. The adapters are trained by the data
+owners; the middle span is compressed into the frozen emulator by keeping k of its layers.
+
+* ``uniform`` (OFT, Xiao et al. 2023): keep layers ``round(i * (n - 1) / (k - 1))`` of the n
+  middle layers.
+* ``crash`` (CRaSh, Zhang et al. 2023): cluster adjacent middle layers by linear CKA, keep the
+  middle layer of each cluster, and (sharing) fill each removed position with the nearest kept
+  layer, as the same module, so the emulator keeps the model's depth at the size of k layers.
+
+:class:`EmulatorSpec` is the single description of all of this; :func:`assemble` turns a spec
+plus weights into a runnable causal LM, both on the server (from the full model) and on a
+client (from the emulator files), so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .models import get_layers, layer_path, set_layers
+from .errors import FedCrashError
+
+EdgeFill = Literal["nearest", "adapter"]
+FROZEN_PREFIX = "frozen_copy"  # state-dict prefix of frozen copies of initial adapter layers
+
+
+class SpecError(FedCrashError):
+    """An emulator spec that does not fit the model; the message names the numbers."""
+
+
+class AdapterError(FedCrashError):
+    """Adapters that do not match the model or emulator; the message names the tensor."""
+
+
+@dataclass(frozen=True)
+class EmulatorSpec:
+    """Which layers are adapters, which middle layers are kept, and what fills the rest.
+
+    ``share``: fill each removed middle position with the nearest kept layer (ties go to the
+    right), tied, so the emulator keeps full depth; off gives a shallower emulator of the kept
+    layers only. ``edge_fill="adapter"``: removed positions between an adapter and the first
+    (last) kept layer are filled with a frozen copy of that adapter's initial weights instead.
+    """
+
+    num_layers: int
+    bottom: int
+    top: int
+    kept: tuple[int, ...]
+    share: bool = True
+    edge_fill: EdgeFill = "nearest"
+    method: str = "uniform"
+    clusters: tuple[tuple[int, ...], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kept", tuple(int(i) for i in self.kept))
+        object.__setattr__(self, "clusters", tuple(tuple(int(i) for i in c) for c in self.clusters))
+        L, b, t = self.num_layers, self.bottom, self.top
+        if b < 0 or t < 0:
+            raise SpecError(f"adapter layer counts must be >= 0, got bottom={b}, top={t}")
+        if b + t >= L:
+            raise SpecError(
+                f"adapters overlap or leave no middle layer: bottom {b} + top {t} = {b + t} "
+                f">= {L} layers in the model"
+            )
+        if not self.kept:
+            raise SpecError("an emulator must keep at least one middle layer")
+        if list(self.kept) != sorted(set(self.kept)):
+            raise SpecError(f"kept layers must be distinct and ascending, got {list(self.kept)}")
+        outside = [i for i in self.kept if not b <= i < L - t]
+        if outside:
+            raise SpecError(f"kept layers {outside} are outside the middle span {b}..{L - t - 1}")
+        if self.edge_fill not in ("nearest", "adapter"):
+            raise SpecError(f"edge_fill must be 'nearest' or 'adapter', got {self.edge_fill!r}")
+
+    @property
+    def adapters(self) -> tuple[int, ...]:
+        return tuple(range(self.bottom)) + tuple(range(self.num_layers - self.top, self.num_layers))
+
+    @property
+    def middle(self) -> range:
+        return range(self.bottom, self.num_layers - self.top)
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        return tuple(i for i in self.middle if i not in self.kept)
+
+    def sharing_map(self) -> dict[int, int | None]:
+        """Each removed position -> the layer whose weights fill it (a kept layer, or an adapter
+        layer whose frozen initial copy fills it), or None when sharing is off."""
+        out: dict[int, int | None] = {}
+        for pos in self.removed:
+            if not self.share:
+                out[pos] = None
+            elif self.edge_fill == "adapter" and self.bottom and pos < self.kept[0]:
+                out[pos] = self.bottom - 1
+            elif self.edge_fill == "adapter" and self.top and pos > self.kept[-1]:
+                out[pos] = self.num_layers - self.top
+            else:
+                out[pos] = min(self.kept, key=lambda k: (abs(k - pos), -k))  # ties go right
+        return out
+
+    def layer_map(self) -> list[tuple[int, str]]:
+        """The emulator's layers bottom to top: (source layer, role), role one of
+        ``adapter`` (trainable), ``kept``, ``shared`` (a kept layer repeated, same module)
+        and ``frozen_copy`` (a frozen copy of an adapter layer's initial weights)."""
+        fill = self.sharing_map()
+        out = []
+        for pos in range(self.num_layers):
+            if pos in self.adapters:
+                out.append((pos, "adapter"))
+            elif pos in self.kept:
+                out.append((pos, "kept"))
+            elif fill[pos] is not None:
+                out.append((fill[pos], "frozen_copy" if fill[pos] in self.adapters else "shared"))
+        return out
+
+    def slots(self) -> list[tuple[int, str]]:
+        """Distinct modules the emulator stores: adapter and kept layers (role ``layer``) in
+        index order, then frozen copies. Shared positions reuse a slot; nothing is stored twice."""
+        layers = [(i, "layer") for i in sorted(self.adapters + self.kept)]
+        copies = sorted({src for src, role in self.layer_map() if role == "frozen_copy"})
+        return layers + [(i, "frozen_copy") for i in copies]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EmulatorSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"unknown emulator spec fields {sorted(unknown)}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        kinds = {"adapter": "A", "kept": "K", "shared": "S", "frozen_copy": "F"}
+        cells = " ".join(f"{src}{kinds[role]}" for src, role in self.layer_map())
+        return (
+            f"{self.method}: {self.bottom}+{len(self.kept)}+{self.top} of {self.num_layers} layers, "
+            f"depth {len(self.layer_map())}, share={self.share}\n  [{cells}]\n"
+            "  (A adapter, K kept, S shared kept layer, F frozen adapter copy)"
+        )
+
+
+def resolve_keep(middle: int, keep: int | None = None, keep_ratio: float | None = None) -> int:
+    """Number of middle layers to keep, from a count or a ratio of the middle span.
+    The default (0.4) gives 10 of 26 for a 30-layer model with 2+2 adapters."""
+    if keep is not None and keep_ratio is not None:
+        raise SpecError("give keep or keep_ratio, not both")
+    if keep is None:
+        ratio = 0.4 if keep_ratio is None else keep_ratio
+        if not 0 < ratio <= 1:
+            raise SpecError(f"keep_ratio must be in (0, 1], got {ratio}")
+        keep = max(1, round(ratio * middle))
+    if not 1 <= keep <= middle:
+        raise SpecError(f"cannot keep {keep} layers: the middle span has {middle} layers")
+    return keep
+
+
+def uniform_indices(n: int, k: int) -> list[int]:
+    """OFT's uniform choice of k of n layers: ``round(i * (n - 1) / (k - 1))``, first and last kept."""
+    if k == 1:
+        return [n // 2]
+    stride = (n - 1) / (k - 1)
+    return [round(i * stride) for i in range(k)]
+
+
+def cluster_adjacent(similarity: torch.Tensor, layers: Sequence[int], k: int) -> list[list[int]]:
+    """CRaSh clustering: start with one cluster per layer and repeatedly merge the adjacent pair
+    whose boundary layers (last of the left, first of the right) are most similar, until k
+    clusters remain. Ties merge the lowest pair first."""
+    clusters = [[int(layer)] for layer in layers]
+    if not 1 <= k <= len(clusters):
+        raise SpecError(f"cannot form {k} clusters from {len(clusters)} layers")
+    while len(clusters) > k:
+        scores = [float(similarity[a[-1], b[0]]) for a, b in zip(clusters, clusters[1:])]
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        clusters[best : best + 2] = [clusters[best] + clusters[best + 1]]
+    return clusters
+
+
+def make_spec(
+    method: str,
+    num_layers: int,
+    *,
+    bottom: int = 2,
+    top: int = 2,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    share: bool = True,
+    edge_fill: EdgeFill = "nearest",
+    similarity: torch.Tensor | None = None,
+) -> EmulatorSpec:
+    """Build a spec with ``uniform`` or ``crash`` (which needs the L x L ``similarity``)."""
+    probe = EmulatorSpec(num_layers, bottom, top, kept=(bottom,))  # validates the adapters
+    middle = list(probe.middle)
+    k = resolve_keep(len(middle), keep, keep_ratio)
+    if method == "uniform":
+        kept, clusters = [middle[i] for i in uniform_indices(len(middle), k)], []
+    elif method == "crash":
+        if similarity is None:
+            raise SpecError("method 'crash' needs a layer similarity (CKA) matrix")
+        if tuple(similarity.shape) != (num_layers, num_layers):
+            raise SpecError(f"similarity is {tuple(similarity.shape)}, expected ({num_layers}, {num_layers})")
+        clusters = cluster_adjacent(similarity, middle, k)
+        kept = [c[len(c) // 2] for c in clusters]
+    else:
+        raise SpecError(f"unknown emulator method {method!r}; expected 'uniform' or 'crash'")
+    return EmulatorSpec(num_layers, bottom, top, tuple(kept), share, edge_fill, method, tuple(map(tuple, clusters)))
+
+
+def _split_key(key: str, prefix: str) -> tuple[int, str] | None:
+    """``model.layers.3.mlp.up.weight`` -> (3, ``mlp.up.weight``); None for non-layer keys."""
+    if not key.startswith(prefix + "."):
+        return None
+    index, _, rest = key[len(prefix) + 1 :].partition(".")
+    return int(index), rest
+
+
+def emulator_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torch.Tensor]:
+    """What the emulator file holds: non-layer weights (embeddings, final norm, untied head),
+    kept layers under their original index, frozen adapter copies under ``frozen_copy.<i>``.
+    Adapters are shipped separately; removed layers never appear."""
+    _check_depth(model, spec)
+    prefix = layer_path(model)
+    copies = {src for src, kind in spec.slots() if kind == "frozen_copy"}
+    out = {}
+    for key, tensor in model.state_dict().items():
+        split = _split_key(key, prefix)
+        if split is None:
+            if not _tied_head(model.config, key):
+                out[key] = tensor
+            continue
+        index, rest = split
+        if index in spec.kept:
+            out[key] = tensor
+        if index in copies:
+            out[f"{FROZEN_PREFIX}.{index}.{rest}"] = tensor
+    return out
+
+
+def adapter_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torch.Tensor]:
+    """The adapter layers of a full model, keyed by their original layer index."""
+    _check_depth(model, spec)
+    prefix = layer_path(model)
+    adapters = set(spec.adapters)
+    return {
+        key: tensor
+        for key, tensor in model.state_dict().items()
+        if (split := _split_key(key, prefix)) is not None and split[0] in adapters
+    }
+
+
+def _check_depth(model: PreTrainedModel, spec: EmulatorSpec) -> None:
+    depth = len(get_layers(model))
+    if depth != spec.num_layers:
+        raise SpecError(f"the spec is for a {spec.num_layers}-layer model but this model has {depth} layers")
+
+
+def _tied_head(config: PretrainedConfig, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
+
+
+def check_adapters(adapters: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], target: str) -> None:
+    """Exact keys, shapes and dtypes, and finite values; the error names the first offender."""
+    missing = sorted(set(expected) - set(adapters))
+    extra = sorted(set(adapters) - set(expected))
+    if missing:
+        raise AdapterError(f"adapters lack {len(missing)} tensors that {target} expects, e.g. {missing[0]!r}")
+    if extra:
+        raise AdapterError(f"adapters carry {len(extra)} tensors that {target} has no place for, e.g. {extra[0]!r}")
+    for key, want in expected.items():
+        got = adapters[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise AdapterError(f"adapter tensor {key!r} has shape {tuple(got.shape)}, {target} expects {tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            raise AdapterError(f"adapter tensor {key!r} has dtype {got.dtype}, {target} expects {want.dtype}")
+        if not torch.isfinite(got).all():
+            raise AdapterError(f"adapter tensor {key!r} holds NaN or infinite values")
+
+
+@torch.no_grad()
+def plug_in(model: PreTrainedModel, adapters: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Write tuned adapters back into the full model at their original layer indices, in place.
+    The expected key set is read from the adapters' own layer indices, checked against the model."""
+    prefix = layer_path(model)
+    state = model.state_dict()
+    indices = set()
+    for key in adapters:
+        split = _split_key(key, prefix)
+        if split is None or split[0] >= len(get_layers(model)):
+            raise AdapterError(f"adapter tensor {key!r} names no decoder layer of this model ({prefix}.0-{len(get_layers(model)) - 1})")
+        indices.add(split[0])
+    expected = {k: v for k, v in state.items() if (s := _split_key(k, prefix)) is not None and s[0] in indices}
+    check_adapters(adapters, expected, "the full model")
+    for key, tensor in adapters.items():
+        state[key].copy_(tensor)
+    return model
+
+
+@dataclass
+class Emulator:
+    """A runnable emulator: a causal LM whose layer list follows ``spec.layer_map()``, with only
+    the adapter positions trainable. Adapter tensors are exchanged under the full model's keys."""
+
+    model: PreTrainedModel
+    spec: EmulatorSpec
+
+    @property
+    def prefix(self) -> str:
+        return layer_path(self.model)
+
+    def adapter_positions(self) -> list[tuple[int, int]]:
+        """(emulator position, original layer index) of every adapter layer."""
+        return [(pos, src) for pos, (src, role) in enumerate(self.spec.layer_map()) if role == "adapter"]
+
+    def adapter_modules(self) -> list[tuple[int, nn.Module]]:
+        layers = get_layers(self.model)
+        return [(src, layers[pos]) for pos, src in self.adapter_positions()]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Current adapter weights, detached copies on CPU, under the full model's keys."""
+        return {
+            f"{self.prefix}.{src}.{name}": tensor.detach().to("cpu").clone()
+            for src, module in self.adapter_modules()
+            for name, tensor in module.state_dict().items()
+        }
+
+    @torch.no_grad()
+    def load_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
+        check_adapters(adapters, self.adapter_state(), "the emulator")
+        for src, module in self.adapter_modules():
+            for name, tensor in module.state_dict().items():
+                tensor.copy_(adapters[f"{self.prefix}.{src}.{name}"])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, module in self.adapter_modules() for p in module.parameters()]
+
+
+def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: EmulatorSpec) -> Emulator:
+    """Build the emulator model from the source model's config and the emulator + adapter
+    weights (keys as written by :func:`emulator_state` and :func:`adapter_state`)."""
+    slots = spec.slots()
+    slot_of = {slot: i for i, slot in enumerate(slots)}
+    cfg = copy.deepcopy(config)
+    layer_types = getattr(cfg, "layer_types", None)
+    cfg.num_hidden_layers = len(slots)
+    if layer_types:
+        cfg.layer_types = [layer_types[src] for src, _ in slots]
+    cfg.use_cache = False  # shared modules carry one layer_idx each: a KV cache would collide
+    dtype = next(iter(state.values())).dtype
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    prefix = layer_path(model)
+    mapped = {}
+    for key, tensor in state.items():
+        if key.startswith(FROZEN_PREFIX + "."):
+            index, _, rest = key[len(FROZEN_PREFIX) + 1 :].partition(".")
+            mapped[f"{prefix}.{slot_of[(int(index), 'frozen_copy')]}.{rest}"] = tensor
+        elif (split := _split_key(key, prefix)) is not None:
+            if (split[0], "layer") not in slot_of:
+                raise SpecError(f"weights hold layer {split[0]}, which this emulator spec does not use")
+            mapped[f"{prefix}.{slot_of[(split[0], 'layer')]}.{split[1]}"] = tensor
+        else:
+            mapped[key] = tensor
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not _tied_head(cfg, k)]
+    if missing or unexpected:
+        raise SpecError(f"emulator weights do not fit the spec: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    stored = get_layers(model)
+    order = [slot_of[(src, "frozen_copy" if role == "frozen_copy" else "layer")] for src, role in spec.layer_map()]
+    set_layers(model, nn.ModuleList([stored[i] for i in order]))
+    model.config.num_hidden_layers = len(order)
+    if layer_types:
+        model.config.layer_types = [layer_types[src] for src, _ in spec.layer_map()]
+    emulator = Emulator(model, spec)
+    model.requires_grad_(False)
+    for param in emulator.trainable_parameters():
+        param.requires_grad_(True)
+    model.eval()
+    return emulator
+
+
+def build_emulator(model: PreTrainedModel, spec: EmulatorSpec) -> Emulator:
+    """The emulator of an in-memory full model (fresh tensors: training it leaves the model as is)."""
+    emulator = assemble(model.config, {**emulator_state(model, spec), **adapter_state(model, spec)}, spec)
+    emulator.model.to(next(model.parameters()).device)
+    return emulator

@@ -1,0 +1,113 @@
+"""The model owner's and data owner's steps, end to end: plan an emulator from calibration data,
+and run local offsite-tuning with the four-model report.
+
+These are what the CLI and the Flower server call; they hold no logic of their own beyond
+wiring the library's pieces together in the order offsite-tuning needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .artifacts import save_adapters, save_emulator
+from .cka import cka_matrix, layer_features
+from .config import DataConfig, EmulatorConfig, TrainConfig, TuneSizes, to_dict
+from .data import batches, load_instructions, pad_id, split_rows, tokenize
+from .emulator import EmulatorSpec, build_emulator, make_spec, plug_in
+from .models import get_layers, load_model
+from .train import evaluate, train_adapters
+
+log = logging.getLogger(__name__)
+
+
+def layer_similarity(
+    model, tokenizer, rows: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True
+) -> torch.Tensor:
+    """L x L linear CKA of the decoder layers' pooled outputs on ``rows`` (prompt + response,
+    formatted like training data)."""
+    examples = tokenize(rows, tokenizer, max_length=data.max_length, template=data.template)
+    feats = layer_features(
+        model, batches(examples, emu.calib_batch_size, pad_id(tokenizer)), pooling=emu.pooling, skip_first=emu.skip_first, progress=progress
+    )
+    return cka_matrix(feats).float()
+
+
+def plan_emulator(
+    model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True
+) -> tuple[EmulatorSpec, torch.Tensor | None]:
+    """The emulator spec for ``model``; CRaSh runs the model on ``calibration`` first."""
+    similarity = None
+    if emu.method == "crash":
+        if not calibration:
+            raise ValueError("method 'crash' needs calibration samples (calib_samples > 0)")
+        similarity = layer_similarity(model, tokenizer, calibration, data, emu, progress=progress)
+    spec = make_spec(
+        emu.method,
+        len(get_layers(model)),
+        bottom=emu.bottom,
+        top=emu.top,
+        keep=emu.keep or None,
+        keep_ratio=None if emu.keep else emu.keep_ratio,
+        share=emu.share,
+        edge_fill=emu.edge_fill,  # type: ignore[arg-type]
+        similarity=similarity,
+    )
+    return spec, similarity
+
+
+def tune(
+    model_source: str,
+    data: DataConfig,
+    emu: EmulatorConfig,
+    train: TrainConfig,
+    sizes: TuneSizes,
+    out_dir: str | Path,
+    *,
+    cache_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Local offsite-tuning: build the emulator, train its adapters, plug them in, and report
+    held-out loss and perplexity of full zero-shot, emulator zero-shot, emulator fine-tuned and
+    plug-in. Writes the emulator folder, tuned adapters and ``report.json`` to ``out_dir``."""
+    out = Path(out_dir)
+    start = time.perf_counter()
+    loaded = load_model(model_source, cache_dir=cache_dir, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
+    calib_n = emu.calib_samples if emu.method == "crash" else 0
+    parts = split_rows(rows, {"eval": sizes.eval_examples, "calibration": calib_n, "train": sizes.train_examples}, seed=data.seed)
+    spec, similarity = plan_emulator(model, tokenizer, parts["calibration"], data, emu, progress=progress)
+    log.info("%s", spec.describe())
+    save_emulator(out / "emulator", model, tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
+    emulator = build_emulator(model, spec)
+
+    pad = pad_id(tokenizer)
+    held_out = tokenize(parts["eval"], tokenizer, max_length=data.max_length, template=data.template)
+    train_set = tokenize(parts["train"], tokenizer, max_length=data.max_length, template=data.template)
+
+    def score(m, name: str) -> dict:
+        return evaluate(m, held_out, pad, batch_size=sizes.eval_batch_size, progress=progress, desc=name)
+
+    report = {"full_zero_shot": score(model, "full zero-shot"), "emulator_zero_shot": score(emulator.model, "emulator zero-shot")}
+    report["training"] = train_adapters(emulator, train_set, pad, train, progress=progress)
+    report["emulator_fine_tuned"] = score(emulator.model, "emulator fine-tuned")
+    adapters = emulator.adapter_state()
+    save_adapters(out / "adapters.safetensors", adapters, {"spec": spec.to_dict(), "source_id": loaded.model_id})
+    plug_in(model, adapters)
+    report["plug_in"] = score(model, "plug-in")
+    report.update(
+        spec=spec.to_dict(),
+        layer_map=spec.layer_map(),
+        model=loaded.model_id,
+        config={"data": to_dict(data), "emulator": to_dict(emu), "train": to_dict(train), "sizes": to_dict(sizes)},
+        seconds=time.perf_counter() - start,
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report

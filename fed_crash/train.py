@@ -1,0 +1,138 @@
+"""Response-token loss, held-out evaluation, and adapter training on a frozen emulator."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+
+from .config import TrainConfig
+from .data import IGNORE, Tokenized, batches
+from .emulator import Emulator
+
+log = logging.getLogger(__name__)
+
+
+def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over response tokens, and their count.
+
+    The LM head (49k x 576 for SmolLM2, a third of an emulator's forward cost) is applied only
+    at positions whose next token is a response token, not at every position.
+    """
+    device = next(model.parameters()).device
+    mask = batch["attention_mask"].to(device)
+    hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).last_hidden_state
+    targets = batch["labels"].to(device)[:, 1:]
+    where = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][where])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), targets[where], reduction="sum"), int(where.sum())
+
+
+@torch.no_grad()
+def evaluate(
+    model: PreTrainedModel, examples: Sequence[Tokenized], pad_id: int, *, batch_size: int = 8, progress: bool = True, desc: str = "eval"
+) -> dict[str, float]:
+    """Held-out loss (mean over response tokens) and perplexity."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in tqdm(list(batches(examples, batch_size, pad_id)), desc=desc, disable=not progress, leave=False):
+        loss, n = response_loss(model, batch)
+        total, tokens = total + float(loss), tokens + n
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": tokens}
+
+
+def _lora_targets(emulator: Emulator) -> list[str]:
+    """Full names of the linear layers inside the adapter positions (not the frozen middle)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    prefix = emulator.prefix
+    names = []
+    for pos, _src in emulator.adapter_positions():
+        layer = emulator.model.get_submodule(f"{prefix}.{pos}")
+        names += [f"{prefix}.{pos}.{n}" for n, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    return names
+
+
+def train_adapters(
+    emulator: Emulator,
+    examples: Sequence[Tokenized],
+    pad_id: int,
+    cfg: TrainConfig,
+    *,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the adapter layers of ``emulator`` in place; the middle stays frozen.
+
+    With ``cfg.lora_rank`` > 0 only LoRA matrices on the adapter layers train (peft), and are
+    merged into them afterwards, so the result is plain adapter weights either way.
+    ``extra_loss`` is added to every step's loss (e.g. a proximal term in federated training).
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(cfg.seed)
+    model = emulator.model
+    peft_model = None
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(
+            model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=_lora_targets(emulator))
+        )
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+    else:
+        params = emulator.trainable_parameters()
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    model.train()
+    losses, tokens, start = [], 0, time.perf_counter()
+    bar = tqdm(total=steps, desc="train adapters", disable=not progress, leave=False)
+    step, epoch = 0, 0
+    while step < steps:
+        for batch in batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
+            loss_sum, n = response_loss(model, batch)
+            loss = loss_sum / max(n, 1)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss_sum) / max(n, 1))
+            tokens += n
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    if peft_model is not None:
+        peft_model.merge_and_unload()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "train_loss": sum(tail) / len(tail),
+        "first_loss": losses[0],
+        "steps": step,
+        "examples": len(examples),
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start,
+    }
