@@ -99,6 +99,8 @@ def layer_features(
     finally:
         for handle in handles:
             handle.remove()
+    if not pooled[0]:
+        raise ValueError("no calibration samples to compute layer features from")
     return [torch.cat(chunks) for chunks in pooled]
 
 

@@ -130,7 +130,8 @@ class EmulatorSpec:
         return layers + [(i, "frozen_copy") for i in copies]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-native (lists, not tuples), so a dict read back from a manifest compares equal."""
+        return {**asdict(self), "kept": list(self.kept), "clusters": [list(c) for c in self.clusters]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EmulatorSpec":

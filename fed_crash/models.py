@@ -166,6 +166,7 @@ def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, mod
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The de-quantized model is a plain float model: drop the GGUF marker so the cached
     # copy loads as an ordinary safetensors checkpoint.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = model_id

@@ -1,0 +1,69 @@
+"""Linear CKA and pooling against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from fed_crash.cka import cka_matrix, layer_features, linear_cka, pool
+from fed_crash.data import batches, pad_id, tokenize
+from tests.conftest import ROWS
+
+
+def test_cka_of_a_representation_with_itself_is_one():
+    x = torch.randn(20, 7)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 5, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    base = linear_cka(x, y)
+    assert linear_cka(x @ q, y) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(3.7 * x, 0.2 * y) == pytest.approx(base, abs=1e-10)
+
+
+def test_cka_is_not_invariant_to_anisotropic_scaling():
+    x, y = torch.randn(30, 4), torch.randn(30, 4)
+    assert linear_cka(x * torch.tensor([10.0, 1, 1, 1]), y) != pytest.approx(linear_cka(x, y), abs=1e-3)
+
+
+def test_cka_worked_examples():
+    # 1-D: CKA is the squared Pearson correlation. x_c = [-1, 0, 1], y_c = [0, -1, 1]:
+    # (y.x)^2 / (|x|^2 |y|^2) = 1 / (2 * 2) = 0.25
+    assert linear_cka(torch.tensor([[1.0], [2], [3]]), torch.tensor([[1.0], [0], [2]])) == pytest.approx(0.25)
+    # 2-D, already centred: Y^T X = [2, 0] -> 4; ||X^T X||_F = sqrt(8); ||Y^T Y||_F = 2
+    x = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+    y = torch.tensor([[1.0], [-1], [0], [0]])
+    assert linear_cka(x, y) == pytest.approx(4 / (math.sqrt(8) * 2))
+
+
+def test_cka_matrix_matches_pairwise_cka():
+    feats = [torch.randn(16, 8) for _ in range(4)]
+    feats.append(feats[0] * 2)  # a scaled copy is perfectly similar
+    matrix = cka_matrix(feats)
+    for i in range(5):
+        for j in range(5):
+            assert float(matrix[i, j]) == pytest.approx(linear_cka(feats[i], feats[j]), abs=1e-9)
+    assert float(matrix[0, 4]) == pytest.approx(1.0)
+    assert torch.allclose(matrix, matrix.T)
+
+
+def test_pooling_by_hand():
+    hidden = torch.tensor([[[1.0], [2.0], [3.0], [100.0]]])  # last position is padding
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert pool(hidden, mask, "mean").item() == pytest.approx(2.0)
+    assert pool(hidden, mask, "last").item() == pytest.approx(3.0)
+    assert pool(hidden, mask, "weighted").item() == pytest.approx((1 * 1 + 2 * 2 + 3 * 3) / 6)
+    assert pool(hidden, mask, "mean", skip_first=1).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool(hidden, mask, "max")
+
+
+def test_layer_features_have_one_matrix_per_layer(tiny_model, tokenizer):
+    examples = tokenize(ROWS[:6], tokenizer, max_length=256)
+    feats = layer_features(tiny_model, batches(examples, 4, pad_id(tokenizer)), progress=False)
+    assert len(feats) == 8
+    assert all(f.shape == (6, 32) for f in feats)
+    # The layers' raw outputs (hooks), not the embedding output: layer features differ.
+    assert not torch.allclose(feats[0], feats[1])

@@ -1,0 +1,56 @@
+"""Model loading from local folders and checkpoints, layer discovery, clear errors."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import OPTConfig, OPTForCausalLM
+
+from fed_crash.models import ModelError, get_layers, layer_path, load_model, state_hash
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def test_layer_paths_of_supported_families():
+    assert layer_path(tiny_llama()) == "model.layers"
+    assert layer_path(tiny_gpt2()) == "transformer.h"
+    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    assert layer_path(opt) == "model.decoder.layers"
+    assert len(get_layers(opt)) == 3
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ModelError, match="unsupported architecture Sequential"):
+        layer_path(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_load_local_folder_and_safetensors_file(tiny_model_dir):
+    folder = load_model(str(tiny_model_dir))
+    single = load_model(str(tiny_model_dir / "model.safetensors"))
+    ids = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(folder.model(ids).logits, single.model(ids).logits)
+    assert state_hash(folder.model.state_dict()) == state_hash(single.model.state_dict())
+    assert folder.tokenizer.eos_token == "<eos>"
+
+
+def test_missing_and_unusable_paths(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="needs config.json beside it"):
+        load_model(str(tmp_path / "w.safetensors"))
+
+
+def test_hub_names_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="hub did not answer"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_state_hash_sees_every_tensor():
+    a, b = tiny_llama(seed=0), tiny_llama(seed=0)
+    assert state_hash(a.state_dict()) == state_hash(b.state_dict())
+    with torch.no_grad():
+        b.model.norm.weight[0] += 1e-3
+    assert state_hash(a.state_dict()) != state_hash(b.state_dict())
