@@ -115,7 +115,7 @@ def train_adapters(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss_sum) / max(n, 1))
+            losses.append(float(loss_sum.detach()) / max(n, 1))
             tokens += n
             step += 1
             bar.update(1)

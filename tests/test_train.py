@@ -15,7 +15,7 @@ def test_response_loss_matches_the_models_own_loss(tiny_model, tokenizer):
     total, n = response_loss(tiny_model, batch)
     reference = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert n == int((batch["labels"][:, 1:] != -100).sum())
-    assert float(total) / n == pytest.approx(float(reference), rel=1e-5)
+    assert float(total.detach()) / n == pytest.approx(float(reference.detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

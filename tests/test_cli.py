@@ -1,0 +1,73 @@
+"""The ``fed-crash`` CLI end to end, in a subprocess as a user runs it, on a tiny model folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from fed_crash.artifacts import ADAPTERS, WEIGHTS
+
+
+def fed_crash(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "fed_crash.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fed-crash {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_emulator_build_prints_the_layer_map_and_writes_files(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "emu"
+    result = fed_crash("emulator", "build", "--model", tiny_model_dir, "--data", data_file, "--method", "crash",
+                       "--keep", "2", "--calib-samples", "16", "--out", out, "--no-progress")
+    assert "crash: 2+2+2 of 8 layers, depth 8" in result.stdout
+    assert "clusters: [" in result.stdout
+    assert len({k.split(".")[2] for k in load_file(out / WEIGHTS) if k.startswith("model.layers.")}) == 2
+    assert len({k.split(".")[2] for k in load_file(out / ADAPTERS)}) == 4
+
+
+def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "tune"
+    result = fed_crash("tune", "--model", tiny_model_dir, "--data", data_file, "--method", "uniform", "--keep", "2",
+                       "--steps", "20", "--lr", "3e-3", "--train-examples", "24", "--eval-examples", "8", "--out", out, "--no-progress")
+    report = json.loads((out / "report.json").read_text())
+    for name in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"):
+        assert report[name]["loss"] > 0 and name in result.stdout
+    assert report["emulator_fine_tuned"]["loss"] < report["emulator_zero_shot"]["loss"]
+    assert report["training"]["steps"] == 20
+
+    plugged = tmp_path / "plugged"
+    fed_crash("plugin", "--model", tiny_model_dir, "--adapters", out / "adapters.safetensors", "--out", plugged)
+    weights = load_file(plugged / "model.safetensors")
+    adapters = load_file(out / "adapters.safetensors")
+    assert all((weights[k] == v).all() for k, v in adapters.items())
+
+
+def test_similarity_writes_a_heatmap_and_clusters(tiny_model_dir, data_file, tmp_path):
+    fed_crash("similarity", "--model", tiny_model_dir, "--data", data_file, "--calib-samples", "16", "--keep", "2",
+              "--pooling", "last", "--out", tmp_path, "--no-progress")
+    assert (tmp_path / "cka.png").read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((tmp_path / "cka.json").read_text())
+    assert len(info["cka"]) == 8 and len(info["clusters"]) == 2
+    assert info["cka"][3][3] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tune", "--model", "/no/such/model", "--out", "x"], "model path '/no/such/model' does not exist"),
+    (["emulator", "build", "--keep", "99", "--out", "x"], "cannot keep 99 layers"),
+    (["plugin", "--adapters", "/no/a.safetensors", "--out", "x"], "adapter file /no/a.safetensors does not exist"),
+])
+def test_bad_input_is_one_clear_line(tiny_model_dir, args, message):
+    if "--model" not in args:
+        args = args + ["--model", str(tiny_model_dir)]
+    result = fed_crash(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_every_option():
+    text = fed_crash("tune", "--help").stdout
+    for flag in ("--method", "--keep-ratio", "--share", "--edge-fill", "--pooling", "--lora-rank", "--steps", "--template"):
+        assert flag in text
