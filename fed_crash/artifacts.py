@@ -11,7 +11,6 @@ An emulator folder holds
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -37,15 +36,8 @@ class ArtifactError(FedCrashError):
     """A missing, corrupted or mismatched artifact file."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _save(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def save_tensors(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """safetensors with our JSON metadata in the header; CPU, contiguous copies."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"fed_crash": json.dumps(metadata or {})})
 
@@ -54,7 +46,7 @@ def save_adapters(path: str | Path, adapters: dict[str, torch.Tensor], metadata:
     """Adapters under the full model's keys; ``metadata`` (e.g. the spec) goes in the header."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(path, adapters, metadata)
+    save_tensors(path, adapters, metadata)
     return path
 
 
@@ -86,8 +78,9 @@ def save_emulator(
     """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save(out / WEIGHTS, emulator_state(model, spec))
-    _save(out / ADAPTERS, adapter_state(model, spec), {"spec": spec.to_dict(), "source_id": source_id})
+    weights = emulator_state(model, spec)
+    save_tensors(out / WEIGHTS, weights)
+    save_tensors(out / ADAPTERS, adapter_state(model, spec), {"spec": spec.to_dict(), "source_id": source_id})
     model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     manifest = {
@@ -97,7 +90,8 @@ def save_emulator(
         "layer_map": [{"position": i, "source": src, "role": role} for i, (src, role) in enumerate(spec.layer_map())],
         "sharing_map": {str(k): v for k, v in spec.sharing_map().items()},
         "source": {"model_id": source_id, "sha256": state_hash(model.state_dict())},
-        "files": {WEIGHTS: file_sha256(out / WEIGHTS), ADAPTERS: file_sha256(out / ADAPTERS)},
+        # Content hash of the emulator's tensors: checked on arrival, whatever the serialisation.
+        "weights_sha256": state_hash(weights),
         "clusters": [list(c) for c in spec.clusters],
         "similarity": similarity.tolist() if similarity is not None else None,
         **(extra or {}),
@@ -120,20 +114,25 @@ def read_manifest(folder: str | Path) -> dict:
 def load_emulator(
     folder: str | Path, adapters: str | Path | dict | None = None, *, device: str | None = "cpu"
 ) -> tuple[Emulator, object, dict]:
-    """Emulator model (with the initial adapters, or ``adapters`` when given), tokenizer, manifest.
-    The weights file's hash is checked against the manifest before it is read."""
+    """Emulator model, tokenizer, manifest. Adapters: ``adapters`` when given (a file or a state
+    dict, e.g. a round's global adapters), else the folder's initial ``adapters.safetensors``.
+    The emulator weights' content hash is checked against the manifest before they are used."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise ArtifactError(f"{weights} is missing")
-    if file_sha256(weights) != manifest["files"][WEIGHTS]:
-        raise ArtifactError(f"{weights} does not match the hash in its manifest (corrupted or replaced)")
+    weights_path = folder / WEIGHTS
+    if not weights_path.is_file():
+        raise ArtifactError(f"{weights_path} is missing")
+    weights = load_file(str(weights_path))
+    if state_hash(weights) != manifest["weights_sha256"]:
+        raise ArtifactError(f"{weights_path} does not match the hash in its manifest (corrupted or replaced)")
     spec = EmulatorSpec.from_dict(manifest["spec"])
-    config = AutoConfig.from_pretrained(folder)
-    state = {**load_file(str(weights)), **load_adapters(folder / ADAPTERS)}
-    emulator = assemble(config, state, spec)
-    if adapters is not None:
-        emulator.load_adapters(adapters if isinstance(adapters, dict) else load_adapters(adapters))
+    if adapters is None:
+        adapters = folder / ADAPTERS
+    adapter_weights = adapters if isinstance(adapters, dict) else load_adapters(adapters)
+    expected = {f"{manifest['layer_prefix']}.{i}." for i in spec.adapters}
+    stray = sorted(k for k in adapter_weights if not k.startswith(tuple(expected)))
+    if stray:
+        raise ArtifactError(f"adapter tensor {stray[0]!r} is not an adapter layer of this emulator (adapters: layers {list(spec.adapters)})")
+    emulator = assemble(AutoConfig.from_pretrained(folder), {**weights, **adapter_weights}, spec)
     emulator.model.to(resolve_device(device))
     return emulator, AutoTokenizer.from_pretrained(folder), manifest

@@ -68,6 +68,73 @@ class TuneSizes:
     eval_batch_size: int = opt(8, "batch size of held-out evaluation")
 
 
+@dataclass
+class FederationConfig:
+    model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
+    cache_dir: str = opt("", "model cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
+    num_server_rounds: int = opt(3, "federated rounds")
+    strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package")
+    fraction_train: float = opt(1.0, "fraction of connected nodes sampled for training each round")
+    min_train_nodes: int = opt(2, "sample at least this many nodes each round")
+    min_available_nodes: int = opt(2, "wait until this many nodes are connected before a round starts")
+    round_timeout: float = opt(3600.0, "seconds to wait for replies in a round")
+    partitioner: str = opt("iid", "how client shards are drawn: 'iid', 'dirichlet' or 'pathological'", choices=("iid", "dirichlet", "pathological"))
+    partition_by: str = opt("first-word", "derived label for non-IID splits: the instruction's 'first-word' (its verb, top 16 else 'other') or the response 'length' bucket (quartiles)", choices=("first-word", "length"))
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed label mix per client)")
+    classes_per_partition: int = opt(2, "labels per client for the pathological partitioner")
+    max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)")
+    eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss")
+    eval_batch_size: int = opt(8, "batch size of server-side evaluation")
+    mc_task: str = opt("", "multiple-choice JSONL ({query, choices, gold}) for per-round accuracy ('' = off)")
+    mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy")
+    run_name: str = opt("", "results/<run-name>/ ('' = <method>-<strategy>-<timestamp>)")
+    results_dir: str = opt("results", "folder that holds one sub-folder per run")
+    save_model: bool = opt(True, "save the final plug-in model (safetensors) in the run folder")
+    progress: bool = opt(False, "progress bars in server and client logs")
+
+
+@dataclass
+class RunConfig:
+    """A federated run's whole configuration, parsed from a flat Flower run config: top-level
+    keys are federation and data options, ``emulator.*`` and ``train.*`` (local training) are
+    sections."""
+
+    fed: FederationConfig
+    data: DataConfig
+    emulator: EmulatorConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"fed": to_dict(self.fed), "data": to_dict(self.data), "emulator": to_dict(self.emulator), "train": to_dict(self.train)}
+
+
+def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
+    """Split a flat run config into its sections, each checked by :func:`from_mapping`."""
+    top_fields = {f.name for f in dataclasses.fields(FederationConfig)}
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    parts: dict[str, dict[str, Any]] = {"fed": {}, "data": {}, "emulator": {}, "train": {}}
+    for key, value in values.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            if section not in ("emulator", "train"):
+                raise ConfigError(f"run config: unknown section {section!r} in key {key!r}; sections are 'emulator' and 'train'")
+            parts[section][name] = value
+        elif key.replace("-", "_") in data_fields:
+            parts["data"][key] = value
+        elif key.replace("-", "_") in top_fields:
+            parts["fed"][key] = value
+        else:
+            known = [n.replace("_", "-") for n in sorted(top_fields | data_fields)]
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"run config: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    return RunConfig(
+        from_mapping(FederationConfig, parts["fed"], where="run config"),
+        from_mapping(DataConfig, parts["data"], where="run config"),
+        from_mapping(EmulatorConfig, parts["emulator"], where="run config [emulator]"),
+        from_mapping(TrainConfig, parts["train"], where="run config [train]"),
+    )
+
+
 def _base_type(tp: Any) -> type:
     return {"int": int, "float": float, "bool": bool, "str": str}[tp] if isinstance(tp, str) else tp
 

@@ -20,11 +20,11 @@ from .emulator import Emulator
 log = logging.getLogger(__name__)
 
 
-def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross entropy over response tokens, and their count.
+def _target_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions whose next token is labelled, those targets, and their rows.
 
     The LM head (49k x 576 for SmolLM2, a third of an emulator's forward cost) is applied only
-    at positions whose next token is a response token, not at every position.
+    at these positions, not at every position.
     """
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device)
@@ -35,7 +35,20 @@ def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tup
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits.float(), targets[where], reduction="sum"), int(where.sum())
+    return logits.float(), targets[where], where.nonzero()[:, 0]
+
+
+def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over labelled (response) tokens, and their count."""
+    logits, targets, _ = _target_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def sequence_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per example, the summed log-probability of its labelled tokens (multiple-choice scoring)."""
+    logits, targets, rows = _target_logits(model, batch)
+    logprobs = -F.cross_entropy(logits, targets, reduction="none")
+    return torch.zeros(batch["input_ids"].shape[0], device=logprobs.device).index_add_(0, rows, logprobs)
 
 
 @torch.no_grad()

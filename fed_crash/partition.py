@@ -1,0 +1,73 @@
+"""Who holds which data in a federated run.
+
+The server keeps a public slice (held-out evaluation and CRaSh calibration) that clients never
+contribute; the remaining rows are the clients' pool, split into private shards by a
+``flwr-datasets`` partitioner: IID, Dirichlet over a derived label, or pathological (each client
+sees only a few labels). Alpaca has no label column, so non-IID splits use one of
+
+* ``first-word``: the instruction's first word, lower-cased (mostly its verb: "give", "write",
+  "generate"...), the 16 most frequent kept and the rest pooled as ``other``;
+* ``length``: the response length in words, bucketed into quartiles of the pool.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Sequence
+
+from .config import DataConfig, FederationConfig
+from .data import DataError, split_rows
+
+TOP_WORDS = 16
+
+
+def server_and_client_rows(rows: Sequence[dict[str, str]], fed: FederationConfig, data: DataConfig, calib: int) -> dict[str, list]:
+    """``eval`` and ``calibration`` (server-held, public) and ``clients`` (the pool to shard).
+    The same seeded permutation on server and clients, so both agree without exchanging data."""
+    pool = len(rows) - fed.eval_examples - calib
+    if pool <= 0:
+        raise DataError(f"{data.data}: {len(rows)} rows leave nothing for clients after {fed.eval_examples} eval + {calib} calibration rows")
+    return split_rows(rows, {"eval": fed.eval_examples, "calibration": calib, "clients": pool}, seed=data.seed)
+
+
+def derived_labels(rows: Sequence[dict[str, str]], by: str) -> list[str]:
+    """One label per row for non-IID partitioning (see module docstring)."""
+    if by == "first-word":
+        words = [(re.findall(r"[a-z']+", r["instruction"].lower()) or ["other"])[0] for r in rows]
+        top = {w for w, _ in Counter(words).most_common(TOP_WORDS)}
+        return [w if w in top else "other" for w in words]
+    if by == "length":
+        lengths = [len(r["output"].split()) for r in rows]
+        cuts = sorted(lengths)
+        q1, q2, q3 = (cuts[len(cuts) * i // 4] for i in (1, 2, 3))
+        return ["q1" if n <= q1 else "q2" if n <= q2 else "q3" if n <= q3 else "q4" for n in lengths]
+    raise DataError(f"unknown partition label {by!r}; expected 'first-word' or 'length'")
+
+
+def client_shard(pool: Sequence[dict[str, str]], fed: FederationConfig, partition_id: int, num_partitions: int, seed: int = 0) -> list[dict[str, str]]:
+    """Partition ``partition_id`` of ``num_partitions`` of the client pool."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    if num_partitions > len(pool):
+        raise DataError(f"{num_partitions} clients but only {len(pool)} client examples: every client needs at least one")
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    table = {"instruction": [r["instruction"] for r in pool], "input": [r["input"] for r in pool], "output": [r["output"] for r in pool]}
+    if fed.partitioner == "iid":
+        partitioner = IidPartitioner(num_partitions)
+    else:
+        table["label"] = derived_labels(pool, fed.partition_by)
+        if fed.partitioner == "dirichlet":
+            partitioner = DirichletPartitioner(num_partitions, "label", fed.dirichlet_alpha, min_partition_size=1, seed=seed)
+        else:
+            partitioner = PathologicalPartitioner(num_partitions, "label", fed.classes_per_partition, class_assignment_mode="first-deterministic", seed=seed)
+    partitioner.dataset = Dataset.from_dict(table)
+    shard = partitioner.load_partition(partition_id)
+    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in shard]
+    if fed.max_client_examples:
+        rows = rows[: fed.max_client_examples]
+    if not rows:
+        raise DataError(f"client {partition_id} of {num_partitions} received an empty shard ({fed.partitioner})")
+    return rows

@@ -1,0 +1,137 @@
+"""The Flower app end to end (``flwr run`` with real SuperLink and Ray processes) on a tiny
+model, plus the pieces it is made of: run-config parsing and client partitioning."""
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fed_crash.config import ConfigError, FederationConfig, parse_run_config
+from fed_crash.data import DataError
+from fed_crash.launch import flwr_run
+from fed_crash.partition import client_shard, derived_labels, server_and_client_rows
+from tests.conftest import ROWS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fl_files(tmp_path_factory, tokenizer):
+    from tests.conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("fl")
+    tiny_llama().save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * 8)]
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def run(fl_files, tmp_path, supernodes, **overrides):
+    config = {
+        "model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+        "run-name": "t", "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "fraction-train": 1.0,
+        "min-available-nodes": supernodes, "max-client-examples": 16, "emulator.keep": 2, "emulator.calib-samples": 8,
+        "train.steps": 4, "train.lr": 0.003, **overrides,
+    }
+    result = flwr_run(config, num_supernodes=supernodes, flwr_home=tmp_path / "flwr", port_base=free_port(),
+                      env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")}, timeout=600)
+    return result, tmp_path / "results" / "t"
+
+
+@pytest.mark.slow
+def test_flwr_run_three_supernodes_two_rounds(fl_files, tmp_path):
+    result, run_dir = run(fl_files, tmp_path, 3)
+    assert result.ok, result.output[-3000:]
+    assert "round 2/2 | clients 3 ok 0 failed" in result.output  # one readable line per round
+    for name in ("config.json", "metrics.jsonl", "rounds.png", "emulator/emulator.json", "adapters/round-0.safetensors",
+                 "adapters/round-2.safetensors", "adapters/final.safetensors", "plugin-model/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert all(line["server"]["plugin_loss"] > 0 and line["server"]["emulator_loss"] > 0 for line in lines)
+    assert [len(line["clients"]) for line in lines] == [0, 3, 3]
+    assert all(c["num-examples"] == 16 and c["steps"] == 4 for c in lines[1]["clients"])
+    # the emulator goes down once per node; adapters every round, and they change
+    assert lines[1]["emulator_bytes_down"] > 0 and lines[2]["emulator_bytes_down"] == 0
+    assert lines[2]["bytes_down"] < lines[1]["bytes_down"] and lines[2]["bytes_up"] > 0
+    first, final = load_file(run_dir / "adapters/round-0.safetensors"), load_file(run_dir / "adapters/final.safetensors")
+    assert any(not torch.equal(first[k], final[k]) for k in first)
+
+    # What a client received holds no weight of a removed layer (by content, under any name).
+    central = load_file(fl_files / "model" / "model.safetensors")
+    spec = json.loads((run_dir / "emulator/emulator.json").read_text())["spec"]
+    removed = [i for i in range(2, 6) if i not in spec["kept"]]
+    digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()  # noqa: E731
+    removed_hashes = {digest(v) for k, v in central.items() if v.dim() == 2 and int(k.split(".")[2] if k.startswith("model.layers.") else -1) in removed}
+    received = list((tmp_path / "nodes").glob("node-*/*/emulator.safetensors"))
+    assert len(received) == 3  # one cached emulator per node
+    for path in received:
+        assert not removed_hashes & {digest(v) for v in load_file(path).values()}
+        assert not list(path.parent.glob("model*.safetensors"))  # no full-model checkpoint
+
+
+@pytest.mark.slow
+def test_twenty_supernodes_with_a_quarter_sampled(fl_files, tmp_path):
+    result, run_dir = run(fl_files, tmp_path, 20, **{"fraction-train": 0.25, "min-train-nodes": 1, "max-client-examples": 4,
+                                                       "train.steps": 1, "save-model": False, "partitioner": "dirichlet",
+                                                       "dirichlet-alpha": 1.0})
+    assert result.ok, result.output[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [len(line["clients"]) for line in lines[1:]] == [5, 5]
+
+
+@pytest.mark.slow
+def test_a_bad_run_config_fails_before_training_and_names_the_key(fl_files, tmp_path):
+    result, run_dir = run(fl_files, tmp_path, 2, **{"emulator.keep": 99})
+    assert result.status == "finished:failed"
+    assert "cannot keep 99 layers" in result.output + result.details
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_run_config_sections_and_errors():
+    cfg = parse_run_config({"num-server-rounds": 5, "data": "x.json", "emulator.method": "crash", "train.lr": 1, "train.seed": 3, "seed": 1})
+    assert cfg.fed.num_server_rounds == 5 and cfg.data.data == "x.json" and cfg.emulator.method == "crash"
+    assert cfg.train.lr == 1.0 and cfg.train.seed == 3 and cfg.data.seed == 1
+    with pytest.raises(ConfigError, match="unknown key 'num-server-round'; did you mean 'num-server-rounds'"):
+        parse_run_config({"num-server-round": 3})
+    with pytest.raises(ConfigError, match=r"\[emulator\]: 'keep' must be int, got str"):
+        parse_run_config({"emulator.keep": "ten"})
+    with pytest.raises(ConfigError, match="must be one of"):
+        parse_run_config({"partitioner": "random"})
+    with pytest.raises(ConfigError, match="unknown section 'optim'"):
+        parse_run_config({"optim.lr": 0.1})
+
+
+def rows(n):
+    verbs = ["give", "write", "describe", "name"]
+    return [{"instruction": f"{verbs[i % 4]} thing {i}", "input": "", "output": "word " * (i % 7 + 1)} for i in range(n)]
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_client_shards_are_disjoint_and_cover_the_pool(partitioner):
+    pool = rows(200)
+    fed = FederationConfig(partitioner=partitioner, dirichlet_alpha=0.3, classes_per_partition=1)
+    shards = [client_shard(pool, fed, i, 4) for i in range(4)]
+    seen = [r["instruction"] for shard in shards for r in shard]
+    assert len(seen) == len(set(seen)) == 200
+    assert client_shard(pool, fed, 1, 4) == shards[1]  # deterministic
+    if partitioner == "pathological":  # one label per client
+        assert all(len({r["instruction"].split()[0] for r in shard}) == 1 for shard in shards)
+
+
+def test_labels_and_server_slices():
+    assert derived_labels(rows(8), "first-word")[:4] == ["give", "write", "describe", "name"]
+    assert set(derived_labels(rows(40), "length")) == {"q1", "q2", "q3", "q4"}
+    parts = server_and_client_rows(rows(50), FederationConfig(eval_examples=10), parse_run_config({}).data, calib=5)
+    assert [len(parts[k]) for k in ("eval", "calibration", "clients")] == [10, 5, 35]
+    with pytest.raises(DataError, match="5 clients but only 3 client examples"):
+        client_shard(rows(3), FederationConfig(), 0, 5)
