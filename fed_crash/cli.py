@@ -59,7 +59,43 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, help="output folder for cka.png and cka.json")
     C.add_arguments(sim, C.DataConfig)
     C.add_arguments(sim, C.EmulatorConfig, skip=("method", "share", "edge_fill"))
+    simulate = sub.add_parser("simulate", help="run the Flower app (flwr run) with a managed SuperLink, optionally on a Ray head with the dashboard",
+                              description="Run simulations/alpaca through `flwr run --stream` as a user would, with FLWR_HOME, runtime dependency installation off, and the local SuperLink stopped afterwards. The exit code reflects the run's final status.")
+    simulate.add_argument("--app", default=None, help="Flower app folder (default: simulations/alpaca of this checkout)")
+    simulate.add_argument("--run-config", default="", help="run-config overrides, TOML values: \"num-server-rounds=5 emulator.method='uniform'\"")
+    simulate.add_argument("--num-supernodes", type=int, default=4, help="simulated clients (default: 4)")
+    simulate.add_argument("--cpus-per-client", type=int, default=1, help="CPU cores Ray reserves per client actor (whole numbers; default: 1)")
+    simulate.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per client actor, e.g. 0.25 puts four clients on one GPU (default: 0)")
+    simulate.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run's SuperLink and app installs (default: .flwr)")
+    simulate.add_argument("--dashboard", action="store_true", help="start a local Ray head with the dashboard, attach the simulation to it, stop it afterwards")
+    simulate.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default: 8265)")
+    simulate.add_argument("--deployment", action="store_true", help="use Flower's deployment runtime instead: a SuperLink and --num-supernodes SuperNodes as processes on loopback")
+    simulate.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds (default: 6 h)")
     return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from .launch import APP, flwr_run, local_deployment, ray_head
+
+    home = Path(args.flwr_home).resolve()
+    app = Path(args.app).resolve() if args.app else APP
+    env: dict[str, str] = {}
+    common = {"app": app, "flwr_home": home, "timeout": args.timeout, "echo": True}
+    if args.deployment:
+        with local_deployment(home, num_supernodes=args.num_supernodes) as connection:
+            result = flwr_run(args.run_config, connection=connection, **common)
+    else:
+        head = ray_head(dashboard_port=args.dashboard_port) if args.dashboard else nullcontext(None)
+        with head as address:
+            if address:
+                env["RAY_ADDRESS"] = address
+                print(f"Ray dashboard: http://127.0.0.1:{args.dashboard_port}  (Cluster and Actors tabs: one ClientAppActor per client worker)", flush=True)
+            result = flwr_run(args.run_config, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client,
+                              gpus_per_client=args.gpus_per_client, env=env, **common)
+    print(f"run {result.run_id}: {result.status} {result.details if result.status != 'finished:completed' else ''}".rstrip())
+    return 0 if result.ok else 1
 
 
 def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.EmulatorConfig:
@@ -142,7 +178,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'cka.png'} and {out / 'cka.json'}")
 
 
-COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity}
+COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,11 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handler = cmd_emulator_build if args.command == "emulator" else COMMANDS[args.command]
     try:
-        handler(args)
+        return handler(args) or 0
     except FedCrashError as err:
         print(f"fed-crash: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

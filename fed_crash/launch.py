@@ -17,9 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class FlowerRun:
 
 
 def flwr_run(
-    run_config: Mapping[str, Any],
+    run_config: Mapping[str, Any] | str,
     *,
     app: Path = APP,
     num_supernodes: int = 2,
@@ -80,14 +81,22 @@ def flwr_run(
     env: Mapping[str, str] | None = None,
     timeout: float = 3600,
     echo: bool = False,
+    connection: str | None = None,
 ) -> FlowerRun:
-    """``flwr run <app> --stream`` with overrides; returns the run's final status and output."""
+    """``flwr run <app> [connection] --stream`` with overrides; returns the run's final status
+    and output. Without ``connection`` it is a local simulation of ``num_supernodes`` nodes."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     full_env = flower_env(flwr_home, port_base=port_base, extra=env)
-    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} client-resources-num-gpus={gpus_per_client}"
-    cmd = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
+    cmd = ["flwr", "run", str(app)]
+    if connection:
+        cmd.append(connection)
+    else:
+        cmd += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} client-resources-num-gpus={gpus_per_client}"]
+    cmd.append("--stream")
     if run_config:
-        cmd += ["--run-config", run_config_arg(run_config)]
+        cmd += ["--run-config", run_config if isinstance(run_config, str) else run_config_arg(run_config)]
+    if "RAY_ADDRESS" not in full_env:
+        clear_stale_ray_cluster()
     flwr = Path(sys.executable).parent / "flwr"
     cmd[0] = str(flwr) if flwr.exists() else "flwr"
     try:
@@ -106,15 +115,16 @@ def flwr_run(
         output = "".join(lines)
         match = re.search(r"Successfully started run (\d+)", output)
         run_id = match.group(1) if match else None
-        status, details = run_status(run_id, full_env) if run_id else ("not-started", "")
+        status, details = run_status(run_id, full_env, connection) if run_id else ("not-started", "")
         return FlowerRun(returncode, run_id, status, details, output)
     finally:
         stop_local_superlink(flwr_home)
 
 
-def run_status(run_id: str, env: Mapping[str, str]) -> tuple[str, str]:
+def run_status(run_id: str, env: Mapping[str, str], connection: str | None = None) -> tuple[str, str]:
     flwr = Path(sys.executable).parent / "flwr"
-    out = subprocess.run([str(flwr) if flwr.exists() else "flwr", "ls", "--run-id", run_id, "--format", "json"],
+    where = [connection] if connection else []
+    out = subprocess.run([str(flwr) if flwr.exists() else "flwr", "ls", *where, "--run-id", run_id, "--format", "json"],
                          env=dict(env), capture_output=True, text=True, timeout=60).stdout
     try:
         run = json.loads(out)["runs"][0]
@@ -152,3 +162,85 @@ def stop_local_superlink(flwr_home: Path, grace_s: float = 10.0) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+def clear_stale_ray_cluster() -> None:
+    """``ray.init()`` attaches to the cluster named in /tmp/ray/ray_current_cluster; when that
+    cluster is gone the file makes a new simulation hang. Remove it if no Ray head runs."""
+    if RAY_CLUSTER_FILE.exists() and not _pids_with("gcs_server"):
+        log.warning("removing stale %s (no Ray cluster is running)", RAY_CLUSTER_FILE)
+        RAY_CLUSTER_FILE.unlink(missing_ok=True)
+
+
+@contextmanager
+def ray_head(*, dashboard_port: int = 8265, gcs_port: int = 6379, num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[str]:
+    """A local Ray head with the dashboard for the duration of the block; yields its address.
+    ``ray stop`` afterwards, so no cluster (and no cluster file) is left behind."""
+    ray = str(Path(sys.executable).parent / "ray")
+    clear_stale_ray_cluster()
+    cmd = [ray, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard_port}", f"--port={gcs_port}", "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    try:
+        yield f"127.0.0.1:{gcs_port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, text=True)
+        RAY_CLUSTER_FILE.unlink(missing_ok=True)
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+    """Block until something accepts connections on host:port."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answered on {host}:{port} within {timeout:.0f}s") from None
+            time.sleep(0.2)
+
+
+@contextmanager
+def local_deployment(flwr_home: Path, *, num_supernodes: int = 2, port: int = 9092, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Flower's deployment runtime on loopback: one SuperLink and ``num_supernodes`` SuperNodes
+    as separate processes (each node gets ``partition-id``/``num-partitions``), and a
+    ``deployment`` connection in ``$FLWR_HOME/config.toml``. Yields the connection name."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    full_env = flower_env(flwr_home, extra=env)
+    bin_dir = Path(sys.executable).parent
+    logs = flwr_home / "deployment-logs"
+    logs.mkdir(exist_ok=True)
+    procs = [subprocess.Popen(
+        [str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+         "--port", str(port), "--database", str(flwr_home / "deployment.db")],
+        env=full_env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT)]
+    try:
+        wait_for_port(port)
+        for i in range(num_supernodes):
+            procs.append(subprocess.Popen(
+                [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(port + 10 + i),
+                 "--node-config", f"partition-id={i} num-partitions={num_supernodes}"],
+                env=full_env, stdout=open(logs / f"supernode-{i}.log", "w"), stderr=subprocess.STDOUT))
+        config = flwr_home / "config.toml"
+        text = config.read_text() if config.exists() else '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        if "[superlink.deployment]" not in text:
+            config.write_text(text + f'\n[superlink.deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        yield "deployment"
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

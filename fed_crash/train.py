@@ -133,6 +133,8 @@ def train_adapters(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if not progress and (step % max(1, steps // 10) == 0 or step == steps):
+                log.info("step %d/%d  loss %.4f  %.1fs", step, steps, losses[-1], time.perf_counter() - start)
             if step >= steps:
                 break
         epoch += 1

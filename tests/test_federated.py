@@ -135,3 +135,56 @@ def test_labels_and_server_slices():
     assert [len(parts[k]) for k in ("eval", "calibration", "clients")] == [10, 5, 35]
     with pytest.raises(DataError, match="5 clients but only 3 client examples"):
         client_shard(rows(3), FederationConfig(), 0, 5)
+
+
+@pytest.mark.slow
+def test_ray_dashboard_lists_the_flower_client_actors(fl_files, tmp_path):
+    """The simulation attached to a Ray head started with the dashboard: the dashboard's state
+    API lists the ClientAppActor workers while the run goes on; nothing is left afterwards."""
+    import threading
+    import time
+    import urllib.request
+
+    from fed_crash.launch import RAY_CLUSTER_FILE, _pids_with, ray_head
+
+    dashboard, answers = free_port(), []
+    with ray_head(dashboard_port=dashboard, gcs_port=free_port(), num_cpus=2) as address:
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/v0/actors?limit=100", timeout=5) as reply:
+                        answers.append(json.load(reply)["data"]["result"]["result"])
+                except OSError:
+                    pass
+                time.sleep(0.5)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+                  "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "emulator.keep": 2, "emulator.calib-samples": 8,
+                  "train.steps": 10, "save-model": False}
+        result = flwr_run(config, num_supernodes=2, flwr_home=tmp_path / "flwr", port_base=free_port(),
+                          env={"RAY_ADDRESS": address, "FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")}, timeout=600)
+        stop.set()
+        poller.join()
+    assert result.ok, result.output[-3000:]
+    actors = [a for answer in answers for a in answer if a.get("class_name") == "ClientAppActor"]
+    assert actors, f"no ClientAppActor in the dashboard's answers: {answers[-1:]}"
+    assert {"actor_id", "state", "pid"} <= set(actors[0])
+    assert not RAY_CLUSTER_FILE.exists() and not _pids_with("gcs_server")
+
+
+@pytest.mark.slow
+def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_path):
+    from fed_crash.launch import local_deployment
+
+    config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+              "run-name": "dep", "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "emulator.keep": 2,
+              "emulator.calib-samples": 8, "train.steps": 2, "save-model": False}
+    with local_deployment(tmp_path / "flwr", num_supernodes=2, port=free_port(), env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")}) as connection:
+        result = flwr_run(config, flwr_home=tmp_path / "flwr", connection=connection, timeout=600)
+    assert result.ok, result.output[-3000:]
+    lines = (tmp_path / "results" / "dep" / "metrics.jsonl").read_text().splitlines()
+    assert [len(json.loads(line)["clients"]) for line in lines] == [0, 2, 2]
