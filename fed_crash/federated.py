@@ -259,8 +259,27 @@ def serve(grid: Grid, context: Context) -> Path:
         model.save_pretrained(run_dir / "plugin-model", safe_serialization=True)
         tokenizer.save_pretrained(run_dir / "plugin-model")
     plot_history(history, run_dir / "rounds.png")
+    (run_dir / "rounds.md").write_text(rounds_table(history) + "\n")
     log.info("run finished in %.0fs: %s", time.perf_counter() - start, run_dir)
     return run_dir
+
+
+def rounds_table(history: list[dict]) -> str:
+    """Markdown table of a run's rounds: losses, accuracy, and traffic per client against the
+    full model's size (round 1's download includes the one-time emulator)."""
+    head = ("| round | clients | client train loss | plug-in loss | plug-in ppl | emulator loss | plug-in acc "
+            "| down MB/client | up MB/client | down / full model | up / full model |")
+    rows = [head, "|" + "---|" * 11]
+    for h in history:
+        clients, server, full = h["clients"], h["server"], h["full_model_bytes"]
+        n = max(1, len(h["bytes_down_per_client"]))
+        down, up = h["bytes_down"] / n, h["bytes_up"] / max(1, len(h["bytes_up_per_client"]))
+        train = f"{sum(c['train-loss'] for c in clients) / len(clients):.3f}" if clients else "-"
+        acc = f"{server['plugin_acc']:.3f}" if "plugin_acc" in server else "-"
+        traffic = f"{down / 1e6:.1f} | {up / 1e6:.1f} | {down / full:.3f} | {up / full:.3f}" if clients else "- | - | - | -"
+        rows.append(f"| {h['round']} | {len(clients)} | {train} | {server['plugin_loss']:.4f} | {server['plugin_ppl']:.2f} "
+                    f"| {server['emulator_loss']:.4f} | {acc} | {traffic} |")
+    return "\n".join(rows)
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -32,6 +32,8 @@ def fl_files(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(root / "model")
     rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * 8)]
     (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    mc = [{"query": f"Question: what is {i} plus one?", "choices": [str(i + 1), str(i + 2), "blue"], "gold": 0} for i in range(6)]
+    (root / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc))
     return root
 
 
@@ -49,7 +51,7 @@ def run(fl_files, tmp_path, supernodes, **overrides):
 
 @pytest.mark.slow
 def test_flwr_run_three_supernodes_two_rounds(fl_files, tmp_path):
-    result, run_dir = run(fl_files, tmp_path, 3)
+    result, run_dir = run(fl_files, tmp_path, 3, **{"mc-task": str(fl_files / "mc.jsonl"), "mc-samples": 4})
     assert result.ok, result.output[-3000:]
     assert "round 2/2 | clients 3 ok 0 failed" in result.output  # one readable line per round
     for name in ("config.json", "metrics.jsonl", "rounds.png", "emulator/emulator.json", "adapters/round-0.safetensors",
@@ -58,6 +60,7 @@ def test_flwr_run_three_supernodes_two_rounds(fl_files, tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["server"]["plugin_loss"] > 0 and line["server"]["emulator_loss"] > 0 for line in lines)
+    assert all(0 <= line["server"]["plugin_acc"] <= 1 and "plugin_acc_norm" in line["server"] for line in lines)
     assert [len(line["clients"]) for line in lines] == [0, 3, 3]
     assert all(c["num-examples"] == 16 and c["steps"] == 4 for c in lines[1]["clients"])
     # the emulator goes down once per node; adapters every round, and they change
