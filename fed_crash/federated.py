@@ -122,6 +122,8 @@ def _client_examples(cfg: RunConfig, context: Context, tokenizer) -> list[Tokeni
 def client_train(msg: Message, context: Context) -> Message:
     """One round of local offsite-tuning on this node's private shard."""
     cfg = run_config(context)
+    if not cfg.fed.progress:  # keep the run's console to one line per round
+        logging.getLogger("fed_crash.train").setLevel(logging.WARNING)
     folder = _receive_emulator(msg, context)
     adapters = msg.content["arrays"].to_torch_state_dict()
     manifest_hash = json.loads((folder / MANIFEST).read_text())["weights_sha256"]
@@ -197,7 +199,7 @@ def serve(grid: Grid, context: Context) -> Path:
     log.info("%s", spec.describe())
     save_emulator(run_dir / "emulator", model, tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
     server_emulator = build_emulator(model, spec)
-    full_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    full_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())  # tied tensors once
     held_out = tokenize(parts["eval"], tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
     pad = pad_id(tokenizer)
     dtypes = {k: v.dtype for k, v in adapter_state(model, spec).items()}
@@ -236,10 +238,11 @@ def serve(grid: Grid, context: Context) -> Path:
         history.append(line)
         with metrics_file.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
-        train_loss = sum(c["train-loss"] * c["num-examples"] for c in clients) / max(1, sum(c["num-examples"] for c in clients)) if clients else float("nan")
+        examples = sum(c["num-examples"] for c in clients)
+        train_loss = f"{sum(c['train-loss'] * c['num-examples'] for c in clients) / examples:.3f}" if examples else "-"
         acc = f" | acc {server['plugin_acc']:.3f}" if "plugin_acc" in server else ""
         log.info(
-            "round %d/%d | clients %d ok %d failed | train loss %.3f | plug-in loss %.4f | emulator loss %.4f%s | down %s up %s | %.0fs",
+            "round %d/%d | clients %d ok %d failed | train loss %s | plug-in loss %.4f | emulator loss %.4f%s | down %s up %s | %.0fs",
             server_round, cfg.fed.num_server_rounds, len(clients), len(line["failures"]), train_loss,
             plugin["loss"], emu["loss"], acc, _mb(line["bytes_down"]), _mb(line["bytes_up"]), line["elapsed_seconds"],
         )
