@@ -119,7 +119,7 @@ def plot_cka(matrix: torch.Tensor, path: str | Path, *, title: str = "", cluster
         ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="cyan", linewidth=1.2))
     ax.set_xlabel("layer")
     ax.set_ylabel("layer")
-    ax.set_title(title or "layer-wise linear CKA")
+    ax.set_title(title or "layer-wise linear CKA", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

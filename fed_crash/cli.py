@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(build, C.DataConfig)
     C.add_arguments(build, C.EmulatorConfig)
 
+    inspect = emu.add_parser("inspect", help="list what an emulator folder holds and check it against its manifest",
+                             description="Print the layer map and the decoder layers stored in emulator.safetensors and adapters.safetensors; fail if a removed layer is stored or the content hash does not match.")
+    inspect.add_argument("folder", help="emulator folder (as written by 'emulator build' or 'tune')")
+
     tune = sub.add_parser("tune", help="local offsite-tuning with the four-model report",
                           description="Build an emulator, train its adapters on instruction data, plug them into the full model, and report held-out loss/perplexity of full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in.")
     _common(tune)
@@ -125,6 +129,39 @@ def cmd_emulator_build(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_emulator_inspect(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from .artifacts import ADAPTERS, WEIGHTS, ArtifactError, read_manifest
+    from .emulator import FROZEN_PREFIX, EmulatorSpec
+    from .models import state_hash
+
+    folder = Path(args.folder)
+    manifest = read_manifest(folder)
+    spec = EmulatorSpec.from_dict(manifest["spec"])
+    prefix = manifest["layer_prefix"]
+    weights = load_file(str(folder / WEIGHTS))
+    if state_hash(weights) != manifest["weights_sha256"]:
+        raise ArtifactError(f"{folder / WEIGHTS} does not match the hash in its manifest")
+
+    def layers(state: dict) -> list[int]:
+        return sorted({int(k[len(prefix) + 1:].split(".")[0]) for k in state if k.startswith(prefix + ".")})
+
+    kept, adapters = layers(weights), layers(load_file(str(folder / ADAPTERS)))
+    copies = sorted({int(k.split(".")[1]) for k in weights if k.startswith(FROZEN_PREFIX + ".")})
+    removed_stored = sorted(set(kept + adapters) & set(spec.removed))
+    print(spec.describe())
+    if spec.clusters:
+        print("clusters: " + " ".join("[" + ",".join(map(str, c)) + "]" for c in spec.clusters))
+    print(f"{WEIGHTS}: {len(kept)} decoder layers {kept}" + (f" + frozen adapter copies {copies}" if copies else ""))
+    print(f"{ADAPTERS}: {len(adapters)} decoder layers {adapters}")
+    print(f"distinct decoder layers: {len(set(kept) | set(adapters))}; removed layers stored: {removed_stored or 'none'}")
+    non_layer = sorted(k for k in weights if not k.startswith((prefix + ".", FROZEN_PREFIX + ".")))
+    print(f"non-layer tensors: {', '.join(non_layer)}")
+    if removed_stored or kept != list(spec.kept) or adapters != list(spec.adapters):
+        raise ArtifactError(f"{folder} does not match its spec: stores layers {kept} + adapters {adapters}")
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from .pipeline import tune
 
@@ -186,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handler = cmd_emulator_build if args.command == "emulator" else COMMANDS[args.command]
+    if args.command == "emulator":
+        handler = cmd_emulator_build if args.emulator_command == "build" else cmd_emulator_inspect
+    else:
+        handler = COMMANDS[args.command]
     try:
         return handler(args) or 0
     except FedCrashError as err:

@@ -25,6 +25,8 @@ def test_emulator_build_prints_the_layer_map_and_writes_files(tiny_model_dir, da
     assert "clusters: [" in result.stdout
     assert len({k.split(".")[2] for k in load_file(out / WEIGHTS) if k.startswith("model.layers.")}) == 2
     assert len({k.split(".")[2] for k in load_file(out / ADAPTERS)}) == 4
+    report = fed_crash("emulator", "inspect", out).stdout
+    assert "distinct decoder layers: 6; removed layers stored: none" in report
 
 
 def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, data_file, tmp_path):
