@@ -270,14 +270,15 @@ def serve(grid: Grid, context: Context) -> Path:
 def rounds_table(history: list[dict]) -> str:
     """Markdown table of a run's rounds: losses, accuracy, and traffic per client against the
     full model's size (round 1's download includes the one-time emulator)."""
-    head = ("| round | clients | client train loss | plug-in loss | plug-in ppl | emulator loss | plug-in acc "
+    head = ("| round | clients | client train loss (weighted) | plug-in loss | plug-in ppl | emulator loss | plug-in acc "
             "| down MB/client | up MB/client | down / full model | up / full model |")
     rows = [head, "|" + "---|" * 11]
     for h in history:
         clients, server, full = h["clients"], h["server"], h["full_model_bytes"]
         n = max(1, len(h["bytes_down_per_client"]))
         down, up = h["bytes_down"] / n, h["bytes_up"] / max(1, len(h["bytes_up_per_client"]))
-        train = f"{sum(c['train-loss'] for c in clients) / len(clients):.3f}" if clients else "-"
+        examples = sum(c["num-examples"] for c in clients)
+        train = f"{sum(c['train-loss'] * c['num-examples'] for c in clients) / examples:.3f}" if examples else "-"
         acc = f"{server['plugin_acc']:.3f}" if "plugin_acc" in server else "-"
         traffic = f"{down / 1e6:.1f} | {up / 1e6:.1f} | {down / full:.3f} | {up / full:.3f}" if clients else "- | - | - | -"
         rows.append(f"| {h['round']} | {len(clients)} | {train} | {server['plugin_loss']:.4f} | {server['plugin_ppl']:.2f} "
