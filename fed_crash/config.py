@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from .data import DEFAULT_HUB_DATASET
 from .errors import FedCrashError
 
 
@@ -25,7 +26,7 @@ def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argp
 
 @dataclass
 class DataConfig:
-    data: str = opt("tatsu-lab/alpaca", "Alpaca-format instruction data: a local .json/.jsonl file or a hub dataset name")
+    data: str = opt(DEFAULT_HUB_DATASET, "Alpaca-format instruction data: a local .json/.jsonl file or a hub dataset name")
     template: str = opt("alpaca", "prompt template: 'alpaca' or the model's 'chat' template", choices=("alpaca", "chat"))
     max_length: int = opt(256, "truncate each example to this many tokens")
     skip_malformed: bool = opt(False, "skip and count malformed rows instead of failing on the first one")

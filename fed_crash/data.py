@@ -14,6 +14,7 @@ from .errors import FedCrashError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_HUB_DATASET = "tatsu-lab/alpaca"  # used when no local data path is given
 IGNORE = -100  # label value that the loss skips (prompt and padding tokens)
 
 ALPACA_PROMPT = (

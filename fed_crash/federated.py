@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .artifacts import MANIFEST, WEIGHTS, load_emulator, save_adapters, save_emulator, save_tensors
 from .config import ConfigError, RunConfig, parse_run_config
-from .data import Tokenized, load_instructions, pad_id, tokenize
+from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, tokenize
 from .emulator import Emulator, adapter_state, build_emulator, plug_in
 from .errors import FedCrashError
 from .models import load_model, resolve_device
@@ -50,7 +50,10 @@ def resolve_path(path: str) -> Path:
 
 
 def _data_source(cfg: RunConfig) -> str:
-    """A local data path resolved to absolute; a name that is not a local path stays a hub name."""
+    """A local data path resolved to absolute; a name that is not a local path stays a hub name;
+    no path at all means Alpaca from the hub (for users with a network)."""
+    if not cfg.data.data:
+        return DEFAULT_HUB_DATASET
     local = resolve_path(cfg.data.data)
     return str(local) if local.suffix in (".json", ".jsonl") or local.exists() else cfg.data.data
 

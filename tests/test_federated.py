@@ -191,3 +191,12 @@ def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_p
     assert result.ok, result.output[-3000:]
     lines = (tmp_path / "results" / "dep" / "metrics.jsonl").read_text().splitlines()
     assert [len(json.loads(line)["clients"]) for line in lines] == [0, 2, 2]
+
+
+def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):
+    from fed_crash.federated import _data_source
+
+    monkeypatch.setenv("FED_CRASH_ROOT", str(tmp_path))
+    assert _data_source(parse_run_config({"data": ""})) == "tatsu-lab/alpaca"  # no path: the hub
+    assert _data_source(parse_run_config({"data": "someone/dataset"})) == "someone/dataset"
+    assert _data_source(parse_run_config({"data": "rows.jsonl"})) == str(tmp_path / "rows.jsonl")  # relative: to the root

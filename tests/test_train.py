@@ -58,6 +58,6 @@ def test_extra_loss_is_added(tiny_model, tokenizer):
 def test_evaluate_reports_loss_and_perplexity(tiny_model, tokenizer):
     examples = tokenize(ROWS[:4], tokenizer, max_length=256)
     result = evaluate(tiny_model, examples, pad_id(tokenizer), batch_size=3, progress=False)
-    total = sum(float(response_loss(tiny_model, b)[0]) for b in batches(examples, 4, pad_id(tokenizer)))
+    total = sum(float(response_loss(tiny_model, b)[0].detach()) for b in batches(examples, 4, pad_id(tokenizer)))
     assert result["loss"] == pytest.approx(total / result["tokens"], rel=1e-5)
     assert result["ppl"] == pytest.approx(torch.tensor(result["loss"]).exp().item(), rel=1e-5)
