@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
@@ -58,11 +57,6 @@ def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise ArtifactError(f"{path} is not a readable safetensors file ({err})") from None
-
-
-def adapter_metadata(path: str | Path) -> dict:
-    with safe_open(str(path), "pt") as handle:
-        return json.loads((handle.metadata() or {}).get("fed_crash", "{}"))
 
 
 def save_emulator(
