@@ -85,6 +85,7 @@ class FederationConfig:
     classes_per_partition: int = opt(2, "labels per client for the pathological partitioner")
     max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)")
     eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss")
+    calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
     eval_batch_size: int = opt(8, "batch size of server-side evaluation")
     mc_task: str = opt("", "multiple-choice JSONL ({query, choices, gold}) for per-round accuracy ('' = off)")
     mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy")

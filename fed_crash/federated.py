@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .artifacts import MANIFEST, WEIGHTS, load_emulator, save_adapters, save_emulator, save_tensors
 from .config import ConfigError, RunConfig, parse_run_config
-from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, tokenize
+from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, split_rows, tokenize
 from .emulator import Emulator, adapter_state, build_emulator, plug_in
 from .errors import FedCrashError
 from .models import load_model, resolve_device
@@ -49,13 +49,21 @@ def resolve_path(path: str) -> Path:
     return candidate if candidate.is_absolute() else Path(os.environ.get("FED_CRASH_ROOT", os.getcwd())) / candidate
 
 
-def _data_source(cfg: RunConfig) -> str:
+def _data_source(cfg: RunConfig, name: str | None = None) -> str:
     """A local data path resolved to absolute; a name that is not a local path stays a hub name;
     no path at all means Alpaca from the hub (for users with a network)."""
-    if not cfg.data.data:
+    name = cfg.data.data if name is None else name
+    if not name:
         return DEFAULT_HUB_DATASET
-    local = resolve_path(cfg.data.data)
-    return str(local) if local.suffix in (".json", ".jsonl") or local.exists() else cfg.data.data
+    local = resolve_path(name)
+    return str(local) if local.suffix in (".json", ".jsonl") or local.exists() else name
+
+
+def calibration_slice(cfg: RunConfig) -> int:
+    """Rows of the instruction data the server keeps for CRaSh calibration: none for uniform
+    or when ``calib-data`` names a separate public dataset. Server and clients both call this,
+    so they carve the same client pool."""
+    return cfg.emulator.calib_samples if cfg.emulator.method == "crash" and not cfg.fed.calib_data else 0
 
 
 def run_config(context: Context) -> RunConfig:
@@ -115,8 +123,7 @@ def _client_examples(cfg: RunConfig, context: Context, tokenizer) -> list[Tokeni
         source = _data_source(cfg)
         if source not in _ROWS:
             _ROWS[source] = load_instructions(source, skip_malformed=cfg.data.skip_malformed)
-        calib = cfg.emulator.calib_samples if cfg.emulator.method == "crash" else 0
-        pool = server_and_client_rows(_ROWS[source], cfg.fed, cfg.data, calib)["clients"]
+        pool = server_and_client_rows(_ROWS[source], cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
         shard = client_shard(pool, cfg.fed, pid, num, seed=cfg.data.seed)
         _SHARDS[key] = tokenize(shard, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
     return _SHARDS[key]
@@ -190,8 +197,10 @@ def serve(grid: Grid, context: Context) -> Path:
     source = _data_source(cfg)
     mc_rows = load_mc(resolve_path(cfg.fed.mc_task), limit=cfg.fed.mc_samples, seed=cfg.data.seed) if cfg.fed.mc_task else []
     rows = load_instructions(source, skip_malformed=cfg.data.skip_malformed)
-    calib = cfg.emulator.calib_samples if cfg.emulator.method == "crash" else 0
-    parts = server_and_client_rows(rows, cfg.fed, cfg.data, calib)
+    parts = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))
+    if cfg.emulator.method == "crash" and cfg.fed.calib_data:
+        public = load_instructions(_data_source(cfg, cfg.fed.calib_data), skip_malformed=cfg.data.skip_malformed)
+        parts["calibration"] = split_rows(public, {"calibration": min(cfg.emulator.calib_samples, len(public))}, seed=cfg.data.seed)["calibration"]
     strategy_inner = make_strategy(cfg.fed)
     loaded = load_model(cfg.fed.model, cache_dir=cfg.fed.cache_dir or None, device="auto")
     run_dir = create_run_dir(cfg)

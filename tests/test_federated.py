@@ -51,7 +51,7 @@ def run(fl_files, tmp_path, supernodes, **overrides):
 
 @pytest.mark.slow
 def test_flwr_run_three_supernodes_two_rounds(fl_files, tmp_path):
-    result, run_dir = run(fl_files, tmp_path, 3, **{"mc-task": str(fl_files / "mc.jsonl"), "mc-samples": 4})
+    result, run_dir = run(fl_files, tmp_path, 3, **{"mc-task": str(fl_files / "mc.jsonl"), "mc-samples": 4, "emulator.method": "crash"})
     assert result.ok, result.output[-3000:]
     assert "round 2/2 | clients 3 ok 0 failed" in result.output  # one readable line per round
     for name in ("config.json", "metrics.jsonl", "rounds.png", "emulator/emulator.json", "adapters/round-0.safetensors",
@@ -86,10 +86,12 @@ def test_flwr_run_three_supernodes_two_rounds(fl_files, tmp_path):
 def test_twenty_supernodes_with_a_quarter_sampled(fl_files, tmp_path):
     result, run_dir = run(fl_files, tmp_path, 20, **{"fraction-train": 0.25, "min-train-nodes": 1, "max-client-examples": 4,
                                                        "train.steps": 1, "save-model": False, "partitioner": "dirichlet",
-                                                       "dirichlet-alpha": 1.0})
+                                                       "dirichlet-alpha": 1.0, "emulator.method": "crash",
+                                                       "calib-data": str(fl_files / "rows.jsonl")})
     assert result.ok, result.output[-3000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [len(line["clients"]) for line in lines[1:]] == [5, 5]
+    assert json.loads((run_dir / "emulator/emulator.json").read_text())["spec"]["method"] == "crash"
 
 
 @pytest.mark.slow
@@ -136,6 +138,11 @@ def test_labels_and_server_slices():
     assert set(derived_labels(rows(40), "length")) == {"q1", "q2", "q3", "q4"}
     parts = server_and_client_rows(rows(50), FederationConfig(eval_examples=10), parse_run_config({}).data, calib=5)
     assert [len(parts[k]) for k in ("eval", "calibration", "clients")] == [10, 5, 35]
+    from fed_crash.federated import calibration_slice
+
+    assert calibration_slice(parse_run_config({"emulator.method": "crash", "emulator.calib-samples": 7})) == 7
+    assert calibration_slice(parse_run_config({"emulator.method": "crash", "calib-data": "public.json"})) == 0
+    assert calibration_slice(parse_run_config({"emulator.method": "uniform"})) == 0
     with pytest.raises(DataError, match="5 clients but only 3 client examples"):
         client_shard(rows(3), FederationConfig(), 0, 5)
 
