@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--num-supernodes", type=int, default=4, help="simulated clients (default: 4)")
     simulate.add_argument("--cpus-per-client", type=int, default=1, help="CPU cores Ray reserves per client actor (whole numbers; default: 1)")
     simulate.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per client actor, e.g. 0.25 puts four clients on one GPU (default: 0)")
-    simulate.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run's SuperLink and app installs (default: .flwr)")
+    simulate.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run's SuperLink and app installs; simulated nodes cache emulators in its nodes/ unless $FED_CRASH_NODE_CACHE is set (default: .flwr)")
     simulate.add_argument("--dashboard", action="store_true", help="start a local Ray head with the dashboard, attach the simulation to it, stop it afterwards")
     simulate.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default: 8265)")
     simulate.add_argument("--deployment", action="store_true", help="use Flower's deployment runtime instead: a SuperLink and --num-supernodes SuperNodes as processes on loopback")
@@ -85,10 +86,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     home = Path(args.flwr_home).resolve()
     app = Path(args.app).resolve() if args.app else APP
-    env: dict[str, str] = {}
+    # simulated nodes keep received emulators under this run home unless told otherwise
+    env: dict[str, str] = {"FED_CRASH_NODE_CACHE": os.environ.get("FED_CRASH_NODE_CACHE", str(home / "nodes"))}
     common = {"app": app, "flwr_home": home, "timeout": args.timeout, "echo": True}
     if args.deployment:
-        with local_deployment(home, num_supernodes=args.num_supernodes) as connection:
+        with local_deployment(home, num_supernodes=args.num_supernodes, env=env) as connection:
             result = flwr_run(args.run_config, connection=connection, **common)
     else:
         head = ray_head(dashboard_port=args.dashboard_port) if args.dashboard else nullcontext(None)

@@ -207,3 +207,22 @@ def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):
     assert _data_source(parse_run_config({"data": ""})) == "tatsu-lab/alpaca"  # no path: the hub
     assert _data_source(parse_run_config({"data": "someone/dataset"})) == "someone/dataset"
     assert _data_source(parse_run_config({"data": "rows.jsonl"})) == str(tmp_path / "rows.jsonl")  # relative: to the root
+
+
+@pytest.mark.slow
+def test_fed_crash_simulate_command(fl_files, tmp_path):
+    """The wrapper users run: exit code from the run's final status, node cache under its home."""
+    import subprocess
+    import sys
+
+    common = f"model='{fl_files / 'model'}' data='{fl_files / 'rows.jsonl'}' results-dir='{tmp_path / 'results'}' eval-examples=8 num-server-rounds=1 max-length=256 save-model=false"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FED_CRASH_NODE_CACHE"}
+    env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port := free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(port + 2))
+    ok = subprocess.run([sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / "home"), "--num-supernodes", "2",
+                         "--run-config", common + " emulator.keep=2"], capture_output=True, text=True, timeout=600, env=env)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "finished:completed" in ok.stdout
+    assert len(list((tmp_path / "home" / "nodes").glob("node-*"))) == 2
+    bad = subprocess.run([sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / "home2"), "--num-supernodes", "2",
+                          "--run-config", common + " emulator.keep=99"], capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 1 and "finished:failed" in bad.stdout
