@@ -113,16 +113,12 @@ def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.E
 
 def cmd_emulator_build(args: argparse.Namespace) -> None:
     from .artifacts import save_emulator
-    from .data import load_instructions, split_rows
     from .models import load_model
-    from .pipeline import plan_emulator
+    from .pipeline import calibration_rows, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
-    calibration = []
-    if emu.method == "crash":
-        rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
-        calibration = split_rows(rows, {"calibration": emu.calib_samples}, seed=data.seed)["calibration"]
+    calibration = calibration_rows(data.data, data, emu.calib_samples) if emu.method == "crash" else []
     spec, similarity = plan_emulator(loaded.model, loaded.tokenizer, calibration, data, emu, progress=not args.no_progress)
     out = save_emulator(args.out, loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
     print(spec.describe())
@@ -192,17 +188,13 @@ def cmd_plugin(args: argparse.Namespace) -> None:
 
 def cmd_similarity(args: argparse.Namespace) -> None:
     from .cka import plot_cka
-    from .data import load_instructions, split_rows
-    from .emulator import make_spec
-    from .models import get_layers, load_model
-    from .pipeline import layer_similarity
+    from .models import load_model
+    from .pipeline import calibration_rows, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args, method="crash")
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
-    rows = split_rows(load_instructions(data.data, skip_malformed=data.skip_malformed), {"calibration": emu.calib_samples}, seed=data.seed)["calibration"]
-    matrix = layer_similarity(loaded.model, loaded.tokenizer, rows, data, emu, progress=not args.no_progress)
-    spec = make_spec("crash", len(get_layers(loaded.model)), bottom=emu.bottom, top=emu.top,
-                     keep=emu.keep or None, keep_ratio=None if emu.keep else emu.keep_ratio, similarity=matrix)
+    rows = calibration_rows(data.data, data, emu.calib_samples)
+    spec, matrix = plan_emulator(loaded.model, loaded.tokenizer, rows, data, emu, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(loaded.model_id).name}: linear CKA, {emu.pooling} pooling, {len(rows)} samples"

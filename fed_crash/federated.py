@@ -21,19 +21,18 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load_file
 
 from .artifacts import MANIFEST, WEIGHTS, load_emulator, save_adapters, save_emulator, save_tensors
 from .config import ConfigError, RunConfig, parse_run_config
-from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, split_rows, tokenize
+from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, tokenize
 from .emulator import Emulator, adapter_state, build_emulator, plug_in
 from .errors import FedCrashError
 from .models import load_model, resolve_device
 from .partition import client_shard, server_and_client_rows
-from .pipeline import plan_emulator
+from .pipeline import calibration_rows, plan_emulator
 from .train import evaluate, train_adapters
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def _console_logging() -> None:
 # --------------------------------------------------------------------------- client
 
 
-_EMULATORS: dict[str, tuple[Emulator, object]] = {}  # per worker process, by emulator content hash
+_EMULATORS: dict[str, tuple[Emulator, object]] = {}  # per worker process, by emulator folder (named by content hash)
 _SHARDS: dict[tuple, list[Tokenized]] = {}  # per worker process: tokenized private shards
 _ROWS: dict[str, list[dict[str, str]]] = {}
 
@@ -136,11 +135,9 @@ def client_train(msg: Message, context: Context) -> Message:
         logging.getLogger("fed_crash.train").setLevel(logging.WARNING)
     folder = _receive_emulator(msg, context)
     adapters = msg.content["arrays"].to_torch_state_dict()
-    manifest_hash = json.loads((folder / MANIFEST).read_text())["weights_sha256"]
-    if manifest_hash not in _EMULATORS:
-        emulator, tokenizer, _ = load_emulator(folder, adapters)  # checks the content hash
-        _EMULATORS[manifest_hash] = (emulator, tokenizer)
-    emulator, tokenizer = _EMULATORS[manifest_hash]
+    if str(folder) not in _EMULATORS:
+        _EMULATORS[str(folder)] = load_emulator(folder, adapters)[:2]  # checks the content hash
+    emulator, tokenizer = _EMULATORS[str(folder)]
     emulator.load_adapters(adapters)
     emulator.model.to(resolve_device("auto"))  # CUDA when Ray gave this actor a GPU
     examples = _client_examples(cfg, context, tokenizer)
@@ -188,7 +185,7 @@ def _mb(n: float) -> str:
 
 def serve(grid: Grid, context: Context) -> Path:
     """The ServerApp's main: see module docstring. Returns the run folder."""
-    from strategies import OffsiteStrategy, make_strategy
+    from strategies import OffsiteStrategy, RoundTraffic, make_strategy
 
     from .mc import load_mc, score_mc
 
@@ -199,8 +196,7 @@ def serve(grid: Grid, context: Context) -> Path:
     rows = load_instructions(source, skip_malformed=cfg.data.skip_malformed)
     parts = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))
     if cfg.emulator.method == "crash" and cfg.fed.calib_data:
-        public = load_instructions(_data_source(cfg, cfg.fed.calib_data), skip_malformed=cfg.data.skip_malformed)
-        parts["calibration"] = split_rows(public, {"calibration": min(cfg.emulator.calib_samples, len(public))}, seed=cfg.data.seed)["calibration"]
+        parts["calibration"] = calibration_rows(_data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
     strategy_inner = make_strategy(cfg.fed)
     loaded = load_model(cfg.fed.model, cache_dir=cfg.fed.cache_dir or None, device="auto")
     run_dir = create_run_dir(cfg)
@@ -231,18 +227,18 @@ def serve(grid: Grid, context: Context) -> Path:
         if mc_rows:
             server.update({f"plugin_{k}": v for k, v in score_mc(model, tokenizer, mc_rows, pad_id=pad).items() if k != "n"})
         save_adapters(run_dir / "adapters" / f"round-{server_round}.safetensors", adapters, {"round": server_round, "spec": spec.to_dict()})
-        traffic = strategy.rounds.get(server_round)
-        clients = traffic.clients if traffic else []
+        traffic = strategy.rounds.get(server_round, RoundTraffic())  # round 0: nothing sent yet
+        clients = traffic.clients
         line = {
             "round": server_round,
             "server": server,
             "clients": clients,
-            "failures": traffic.failures if traffic else [],
-            "bytes_down": sum(traffic.down.values()) if traffic else 0,
-            "bytes_up": sum(traffic.up.values()) if traffic else 0,
-            "emulator_bytes_down": sum(traffic.emulator_down.values()) if traffic else 0,
-            "bytes_down_per_client": traffic.down if traffic else {},
-            "bytes_up_per_client": traffic.up if traffic else {},
+            "failures": traffic.failures,
+            "bytes_down": sum(traffic.down.values()),
+            "bytes_up": sum(traffic.up.values()),
+            "emulator_bytes_down": sum(traffic.emulator_down.values()),
+            "bytes_down_per_client": traffic.down,
+            "bytes_up_per_client": traffic.up,
             "full_model_bytes": full_bytes,
             "eval_seconds": time.perf_counter() - round_start,
             "elapsed_seconds": time.perf_counter() - start,

@@ -38,6 +38,12 @@ def layer_similarity(
     return cka_matrix(feats).float()
 
 
+def calibration_rows(source: str, data: DataConfig, n: int) -> list[dict[str, str]]:
+    """A seeded sample of ``n`` rows of ``source`` for CRaSh's CKA calibration."""
+    rows = load_instructions(source, skip_malformed=data.skip_malformed)
+    return split_rows(rows, {"calibration": n}, seed=data.seed)["calibration"]
+
+
 def plan_emulator(
     model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True
 ) -> tuple[EmulatorSpec, torch.Tensor | None]:

@@ -4,7 +4,6 @@ model, plus the pieces it is made of: run-config parsing and client partitioning
 import hashlib
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import torch
