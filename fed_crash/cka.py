@@ -123,3 +123,36 @@ def plot_cka(matrix: torch.Tensor, path: str | Path, *, title: str = "", cluster
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_clusters(
+    matrix: torch.Tensor, clusters: Sequence[Sequence[int]], kept: Sequence[int], adapters: Sequence[int], path: str | Path, *, title: str = ""
+) -> None:
+    """CRaSh's clusters over the layer axis: adjacent-layer CKA (layer l vs l + 1) as a line,
+    each cluster as a coloured span with its kept representative marked, adapters shaded grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for layer in adapters:
+        ax.axvspan(layer - 0.5, layer + 0.5, color="0.85", lw=0)
+    colors = plt.get_cmap("tab10")
+    for i, cluster in enumerate(clusters):
+        ax.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color=colors(i % 10), alpha=0.25, lw=0)
+        ax.text((cluster[0] + cluster[-1]) / 2, 1.005, str(i), ha="center", va="bottom", fontsize=7)
+    adjacent = [float(matrix[i, i + 1]) for i in range(n - 1)]
+    ax.plot([i + 0.5 for i in range(n - 1)], adjacent, color="black", marker=".", lw=1, label="CKA(l, l+1)")
+    low = min(adjacent)
+    ax.scatter(kept, [low - 0.02 * (1 - low + 1e-3)] * len(kept), marker="^", color="crimson", zorder=3, label="kept layer")
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_xticks(range(0, n, 2 if n > 16 else 1))
+    ax.set_xlabel("layer (grey: adapters; coloured spans: clusters, numbered)")
+    ax.set_ylabel("adjacent linear CKA")
+    ax.set_title(title or "CRaSh clusters", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import config as C
 from .errors import FedCrashError
+from .mc import HUB_TASKS as HUB_TASK_NAMES
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger("fed_crash")
@@ -64,6 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, help="output folder for cka.png and cka.json")
     C.add_arguments(sim, C.DataConfig)
     C.add_arguments(sim, C.EmulatorConfig, skip=("method", "share", "edge_fill"))
+    ev = sub.add_parser("eval", help="evaluate one model, emulator or plug-in: multiple-choice accuracy, held-out loss, ROUGE-L",
+                        description="Score a model (the full model, or --emulator FOLDER; with --adapters plugged in) on multiple-choice tasks the way lm-evaluation-harness does, and on held-out instructions (loss, perplexity, greedy answers with ROUGE-L).")
+    _common(ev)
+    _eval_arguments(ev)
+    ev.add_argument("--emulator", default=None, help="evaluate this emulator folder instead of the full model")
+    ev.add_argument("--adapters", default=None, help="adapters .safetensors plugged into the model (or loaded into the emulator)")
+    ev.add_argument("--out", required=True, help="output folder for eval.json, eval.md and generations")
+
+    report = sub.add_parser("report", help="the four-model table: full zero-shot, emulator zero-shot, emulator fine-tuned, plug-in",
+                            description="Evaluate the full model and the emulator, each without and with the tuned adapters, on the same tasks; write report.json and report.md.")
+    _common(report)
+    _eval_arguments(report)
+    report.add_argument("--emulator", required=True, help="emulator folder the adapters were tuned on (from 'emulator build' or 'tune')")
+    report.add_argument("--adapters", required=True, help="tuned adapters .safetensors")
+    report.add_argument("--out", required=True, help="output folder for report.json and report.md")
+
+    land = sub.add_parser("landscape", help="held-out loss along the straight line between two adapter sets plugged into the full model",
+                          description="CRaSh's 1-D loss landscape: plug (1 - t) A + t B into the full model for evenly spaced t and measure held-out loss; write landscape.png and landscape.json.")
+    _common(land)
+    land.add_argument("--a", required=True, help="adapter set A (.safetensors), at t = 0")
+    land.add_argument("--b", required=True, help="adapter set B (.safetensors), at t = 1; e.g. an emulator folder's adapters.safetensors for the untuned layers")
+    land.add_argument("--label-a", default="A", help="name of A on the plot")
+    land.add_argument("--label-b", default="B", help="name of B on the plot")
+    land.add_argument("--points", type=int, default=25, help="points on the line, end points included (default: 25)")
+    land.add_argument("--eval-examples", type=int, default=100, help="held-out instructions (the first slice of --data's seeded split) (default: 100)")
+    land.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default: 8)")
+    land.add_argument("--out", required=True, help="output folder for landscape.png and landscape.json")
+    C.add_arguments(land, C.DataConfig)
+
     simulate = sub.add_parser("simulate", help="run the Flower app (flwr run) with a managed SuperLink, optionally on a Ray head with the dashboard",
                               description="Run simulations/alpaca through `flwr run --stream` as a user would, with FLWR_HOME, runtime dependency installation off, and the local SuperLink stopped afterwards. The exit code reflects the run's final status.")
     simulate.add_argument("--app", default=None, help="Flower app folder (default: simulations/alpaca of this checkout)")
@@ -77,6 +107,82 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--deployment", action="store_true", help="use Flower's deployment runtime instead: a SuperLink and --num-supernodes SuperNodes as processes on loopback")
     simulate.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds (default: 6 h)")
     return parser
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", action="append", default=[], metavar="TASK",
+                        help="multiple-choice task, repeatable: a {query, choices, gold} JSONL file (see --fields for others) or a hub name: "
+                             + ", ".join(sorted(HUB_TASK_NAMES)))
+    C.add_arguments(parser, C.DataConfig)
+    C.add_arguments(parser, C.EvalConfig)
+
+
+def _eval_inputs(args: argparse.Namespace) -> tuple:
+    from .evaluation import load_tasks
+
+    data, cfg = C.from_args(C.DataConfig, args), C.from_args(C.EvalConfig, args)
+    if not args.task and not cfg.instruct_examples:
+        raise C.ConfigError("nothing to evaluate: give --task and/or --instruct-examples")
+    return load_tasks(args.task, cfg, seed=data.seed), data, cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .artifacts import load_adapters, load_emulator
+    from .emulator import plug_in
+    from .evaluation import evaluate_model, held_out_rows, markdown_table
+    from .models import load_model
+
+    tasks, data, cfg = _eval_inputs(args)
+    if args.emulator:
+        emulator, tokenizer, _ = load_emulator(args.emulator, adapters=args.adapters, device=args.device)
+        model, name = emulator.model, "emulator" + ("+adapters" if args.adapters else "")
+    else:
+        loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
+        model, tokenizer, name = loaded.model, loaded.tokenizer, "plug_in" if args.adapters else "full"
+        if args.adapters:
+            plug_in(model, load_adapters(args.adapters))
+    out = Path(args.out)
+    result = evaluate_model(model, tokenizer, tasks, held_out_rows(data, cfg.instruct_examples), data, cfg, out=out, name=name,
+                            progress=not args.no_progress)
+    result.update(model=args.emulator or args.model, adapters=args.adapters, config={"data": C.to_dict(data), "eval": C.to_dict(cfg)})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    table = markdown_table({name: result}) if tasks else json.dumps(result.get("instruct"))
+    (out / "eval.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'eval.json'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .evaluation import four_model_report, markdown_table
+
+    tasks, data, cfg = _eval_inputs(args)
+    report = four_model_report(args.model, args.emulator, args.adapters, tasks, data, cfg, args.out, cache_dir=args.cache_dir,
+                               device=args.device, progress=not args.no_progress)
+    print(markdown_table(report["models"]))
+    print(f"wrote {Path(args.out) / 'report.json'} and report.md")
+
+
+def cmd_landscape(args: argparse.Namespace) -> None:
+    from .artifacts import load_adapters
+    from .data import pad_id, tokenize
+    from .evaluation import held_out_rows, interpolate_adapters, plot_interpolation
+    from .models import load_model
+
+    data = C.from_args(C.DataConfig, args)
+    loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
+    examples = tokenize(held_out_rows(data, args.eval_examples), loaded.tokenizer, max_length=data.max_length, template=data.template)
+    curve = interpolate_adapters(loaded.model, load_adapters(args.a), load_adapters(args.b), examples, pad_id(loaded.tokenizer),
+                                 points=args.points, batch_size=args.batch_size, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_interpolation(curve, out / "landscape.png", labels=(args.label_a, args.label_b),
+                       title=f"{Path(loaded.model_id).name}: held-out loss between two adapter sets ({len(examples)} examples)")
+    (out / "landscape.json").write_text(json.dumps({"a": args.a, "b": args.b, "model": loaded.model_id, "examples": len(examples),
+                                                    "data": C.to_dict(data), "curve": curve}, indent=1))
+    for p in curve:
+        print(f"t={p['t']:.3f}  loss={p['loss']:.4f}  ppl={p['ppl']:.2f}")
+    print(f"wrote {out / 'landscape.png'} and landscape.json")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -187,7 +293,7 @@ def cmd_plugin(args: argparse.Namespace) -> None:
 
 
 def cmd_similarity(args: argparse.Namespace) -> None:
-    from .cka import plot_cka
+    from .cka import plot_clusters, plot_cka
     from .models import load_model
     from .pipeline import calibration_rows, plan_emulator
 
@@ -199,6 +305,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(loaded.model_id).name}: linear CKA, {emu.pooling} pooling, {len(rows)} samples"
     plot_cka(matrix, out / "cka.png", title=title, clusters=spec.clusters)
+    plot_clusters(matrix, spec.clusters, spec.kept, spec.adapters, out / "clusters.png", title=f"{title}: {len(spec.clusters)} clusters, kept {list(spec.kept)}")
     adjacent = [float(matrix[i, i + 1]) for i in range(len(matrix) - 1)]
     (out / "cka.json").write_text(json.dumps({
         "model": loaded.model_id, "samples": len(rows), "pooling": emu.pooling, "skip_first": emu.skip_first,
@@ -206,10 +313,11 @@ def cmd_similarity(args: argparse.Namespace) -> None:
         "adjacent_cka": adjacent, "cka": matrix.tolist(),
     }, indent=1))
     print("clusters: " + " ".join("[" + ",".join(map(str, c)) + "]" for c in spec.clusters))
-    print(f"wrote {out / 'cka.png'} and {out / 'cka.json'}")
+    print(f"wrote {out / 'cka.png'}, {out / 'clusters.png'} and {out / 'cka.json'}")
 
 
-COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate}
+COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
+            "report": cmd_report, "landscape": cmd_landscape}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,17 @@ class TuneSizes:
 
 
 @dataclass
+class EvalConfig:
+    limit: int = opt(0, "questions per multiple-choice task (0: all)")
+    first: bool = opt(False, "take the first --limit questions (like lm-eval's --limit) instead of a seeded sample")
+    fields: str = opt("", "field mapping for --task files not in the {query, choices, gold} layout: 'query=Q: {q}\\nA:;choices=options;gold=answer;labels=letters'")
+    batch_size: int = opt(32, "continuations (multiple choice) or examples (loss, generation) per forward pass")
+    instruct_examples: int = opt(0, "held-out instructions from --data for loss/perplexity: the first slice of its seeded split, as 'tune' holds out (0: none)")
+    generate: int = opt(0, "answer this many of them greedily, write generations.jsonl next to the references, and score ROUGE-L (0: none)")
+    max_new_tokens: int = opt(64, "longest greedy answer, in tokens")
+
+
+@dataclass
 class FederationConfig:
     model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
     cache_dir: str = opt("", "model cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
@@ -87,7 +98,7 @@ class FederationConfig:
     eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss")
     calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
     eval_batch_size: int = opt(8, "batch size of server-side evaluation")
-    mc_task: str = opt("", "multiple-choice JSONL ({query, choices, gold}) for per-round accuracy ('' = off)")
+    mc_task: str = opt("", "multiple-choice task for per-round plug-in accuracy: a {query, choices, gold} JSONL or a hub task name such as 'arc_easy' ('' = off)")
     mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy")
     run_name: str = opt("", "results/<run-name>/ ('' = <method>-<strategy>-<timestamp>)")
     results_dir: str = opt("results", "folder that holds one sub-folder per run")

@@ -187,12 +187,13 @@ def serve(grid: Grid, context: Context) -> Path:
     """The ServerApp's main: see module docstring. Returns the run folder."""
     from strategies import OffsiteStrategy, RoundTraffic, make_strategy
 
-    from .mc import load_mc, score_mc
+    from .mc import HUB_TASKS, load_task, score_mc
 
     start = time.perf_counter()
     cfg = run_config(context)
     source = _data_source(cfg)
-    mc_rows = load_mc(resolve_path(cfg.fed.mc_task), limit=cfg.fed.mc_samples, seed=cfg.data.seed) if cfg.fed.mc_task else []
+    mc_source = cfg.fed.mc_task if cfg.fed.mc_task in HUB_TASKS else resolve_path(cfg.fed.mc_task)
+    mc_rows = load_task(mc_source, limit=cfg.fed.mc_samples, seed=cfg.data.seed).rows if cfg.fed.mc_task else []
     rows = load_instructions(source, skip_malformed=cfg.data.skip_malformed)
     parts = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))
     if cfg.emulator.method == "crash" and cfg.fed.calib_data:
@@ -225,7 +226,8 @@ def serve(grid: Grid, context: Context) -> Path:
         emu = evaluate(server_emulator.model, held_out, pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="emulator")
         server = {"plugin_loss": plugin["loss"], "plugin_ppl": plugin["ppl"], "emulator_loss": emu["loss"], "emulator_ppl": emu["ppl"]}
         if mc_rows:
-            server.update({f"plugin_{k}": v for k, v in score_mc(model, tokenizer, mc_rows, pad_id=pad).items() if k != "n"})
+            scores = score_mc(model, tokenizer, mc_rows, batch_size=cfg.fed.eval_batch_size * 4)
+            server.update({f"plugin_{k}": scores[k] for k in ("acc", "acc_norm", "acc_bytes")})
         save_adapters(run_dir / "adapters" / f"round-{server_round}.safetensors", adapters, {"round": server_round, "spec": spec.to_dict()})
         traffic = strategy.rounds.get(server_round, RoundTraffic())  # round 0: nothing sent yet
         clients = traffic.clients

@@ -1,73 +1,331 @@
 """Multiple-choice accuracy the way lm-evaluation-harness scores it.
 
-For each choice, the summed log-probability of the continuation (`` " " + choice``) given the
-context (``query``): ``acc`` takes the argmax of the sums, ``acc_norm`` the argmax of the sums
-divided by the continuation's length in bytes. Tasks are JSONL files in the
-``{query, choices, gold}`` layout (ARC-Easy, ARC-Challenge, OpenBookQA, PIQA in shared/data/eval).
+For each choice, the summed log-probability of the continuation (``" " + choice``) given the
+context (``query``). ``acc`` takes the argmax of the sums; ``acc_norm`` divides each sum by the
+choice's length in characters and ``acc_bytes`` by its length in UTF-8 bytes, as lm-eval 0.4 does
+(the two coincide on ASCII text). Tokenization follows lm-eval's causal-model rule so the numbers
+can be compared one to one: trailing whitespace of the context moves to the continuation, the
+pair is encoded whole, and the continuation is whatever follows the context's own tokens.
+
+Tasks come from three places, all normalised to ``{query, choices, gold}`` rows by a
+:class:`Fields` mapping (one loop, no per-task code): local JSONL in that layout (ARC-Easy,
+ARC-Challenge, OpenBookQA, PIQA in ``shared/data/eval``), hub datasets by short name
+(:data:`HUB_TASKS`), or any JSONL with a mapping given on the command line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
+import time
+from dataclasses import dataclass, fields as dc_fields
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import IGNORE, DataError, Tokenized, collate
+from .data import IGNORE, DataError, Tokenized, collate, pad_id
+from .models import get_layers
 from .train import sequence_logprobs
 
+log = logging.getLogger(__name__)
 
-def load_mc(path: str | Path, *, limit: int = 0, seed: int = 0) -> list[dict]:
-    """Rows of a ``{query, choices, gold}`` JSONL file; ``limit`` > 0 draws a seeded sample."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"multiple-choice file {path} does not exist")
+
+@dataclass(frozen=True)
+class Fields:
+    """Where a row keeps what a multiple-choice question needs.
+
+    ``query`` is a ``str.format`` template over the row (``"Question: {question}\\nAnswer:"``);
+    ``choices`` names one list field (dotted into nested dicts: ``choices.text``) or several
+    comma-separated string fields (``sol1,sol2``); ``gold`` names the field holding the answer's
+    index, or its label when ``labels`` names the field listing the choices' labels
+    (``answerKey`` with ``choices.label``); ``gold="=3"`` fixes the index for every row.
+    """
+
+    query: str = "{query}"
+    choices: str = "choices"
+    gold: str = "gold"
+    labels: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Fields":
+        """``"query=Question: {question}\\nAnswer:;choices=choices.text;gold=answerKey;labels=choices.label"``
+        (``;``-separated, ``\\n`` escapes allowed); unnamed keys keep their defaults."""
+        known = {f.name for f in dc_fields(cls)}
+        values = {}
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in known:
+                raise DataError(f"field mapping {part!r}: expected KEY=VALUE with KEY in {sorted(known)}")
+            values[key.strip()] = value.replace("\\n", "\n")
+        return cls(**values)
+
+
+def _get(row: dict, dotted: str):
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def map_row(row: dict, fields: Fields) -> dict:
+    """``row`` as ``{query, choices, gold}``; raises KeyError/ValueError on a row that does not fit."""
+    query = fields.query.format_map(_FormatRow(row))
+    if "," in fields.choices:
+        choices = [_get(row, name.strip()) for name in fields.choices.split(",")]
+    else:
+        choices = _get(row, fields.choices)
+    if fields.gold.startswith("="):
+        gold = int(fields.gold[1:])
+    elif fields.labels:
+        gold = list(_get(row, fields.labels)).index(str(_get(row, fields.gold)).strip())
+    else:
+        gold = int(_get(row, fields.gold))
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+        raise ValueError("choices must be a list of at least two strings")
+    if not 0 <= gold < len(choices):
+        raise ValueError(f"gold {gold} is not an index into {len(choices)} choices")
+    return {"query": query, "choices": choices, "gold": gold}
+
+
+class _FormatRow(dict):
+    """Lets ``str.format_map`` read dotted fields and name a missing one in the error."""
+
+    def __init__(self, row: dict):
+        super().__init__(row)
+        self.row = row
+
+    def __missing__(self, key: str):
+        return _get(self.row, key)
+
+
+def _hellaswag(row: dict) -> dict:
+    """lm-eval's HellaSwag clean-up: WikiHow brackets removed, context capitalised."""
+
+    def clean(text: str) -> str:
+        return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    return {"query": clean(row["activity_label"] + ": " + ctx), "choices": [clean(e) for e in row["endings"]], "gold": row["label"]}
+
+
+@dataclass(frozen=True)
+class HubTask:
+    """A hub dataset and the mapping that turns its rows into multiple-choice questions
+    (templates as in lm-eval 0.4's task YAMLs)."""
+
+    path: str
+    name: str | None
+    split: str
+    fields: Fields
+    prepare: Callable[[dict], dict] | None = None
+
+
+HUB_TASKS: dict[str, HubTask] = {
+    "arc_easy": HubTask("allenai/ai2_arc", "ARC-Easy", "test", Fields("Question: {question}\nAnswer:", "choices.text", "answerKey", "choices.label")),
+    "arc_challenge": HubTask("allenai/ai2_arc", "ARC-Challenge", "test", Fields("Question: {question}\nAnswer:", "choices.text", "answerKey", "choices.label")),
+    "openbookqa": HubTask("allenai/openbookqa", "main", "test", Fields("{question_stem}", "choices.text", "answerKey", "choices.label")),
+    "piqa": HubTask("baber/piqa", None, "validation", Fields("Question: {goal}\nAnswer:", "sol1,sol2", "label")),
+    "hellaswag": HubTask("Rowan/hellaswag", None, "validation", Fields(), prepare=_hellaswag),
+    "sciq": HubTask("allenai/sciq", None, "test", Fields("{support}\nQuestion: {question}\nAnswer:", "distractor1,distractor2,distractor3,correct_answer", "=3")),
+}
+
+
+@dataclass
+class McTask:
+    name: str
+    rows: list[dict]  # {query, choices, gold}
+    source: str
+
+
+def _local_rows(path: Path) -> list[tuple[str, dict]]:
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((f"line {n + 1}", json.loads(line)))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {n + 1} is not valid JSON ({err.msg})") from None
-        ok = (
-            isinstance(row, dict) and isinstance(row.get("query"), str) and isinstance(row.get("choices"), list)
-            and len(row["choices"]) >= 2 and all(isinstance(c, str) for c in row["choices"])
-            and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"])
-        )
-        if not ok:
-            raise DataError(f"{path}: line {n + 1}: expected {{query: str, choices: [str, ...], gold: index}}")
-        rows.append(row)
-    if limit and limit < len(rows):
-        rows = random.Random(seed).sample(rows, limit)
     return rows
 
 
+def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 0, seed: int = 0, name: str | None = None) -> McTask:
+    """A multiple-choice task from a local JSONL file, or a hub dataset named in :data:`HUB_TASKS`.
+
+    ``limit`` > 0 draws a seeded sample of that many questions (the same for every model).
+    """
+    text = str(source)
+    path = Path(text)
+    if path.suffix in (".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise DataError(f"multiple-choice file {path} does not exist")
+        raw, task_name, prepare = _local_rows(path), name or path.stem, None
+        fields = fields or Fields()
+    elif text in HUB_TASKS:
+        import datasets
+
+        hub = HUB_TASKS[text]
+        try:
+            data = datasets.load_dataset(hub.path, hub.name, split=hub.split)
+        except Exception as err:  # offline, gated or renamed: say which and how to work around it
+            raise DataError(f"could not load hub dataset {hub.path} ({hub.name or 'default'}, {hub.split}) for task {text!r}: {err}. "
+                            "Offline, pass a local JSONL file instead.") from None
+        raw, task_name, prepare = [(f"row {i}", r) for i, r in enumerate(data)], name or text, hub.prepare
+        fields = fields or hub.fields
+    else:
+        raise DataError(f"multiple-choice task {text!r} is neither a .jsonl file nor one of {sorted(HUB_TASKS)}")
+    rows = []
+    for where, row in raw:
+        try:
+            rows.append(map_row(prepare(row) if prepare else row, fields))
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            raise DataError(f"{text}: {where} does not fit the field mapping {fields} ({type(err).__name__}: {err})") from None
+    if not rows:
+        raise DataError(f"{text}: no questions")
+    if limit and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    return McTask(task_name, rows, text)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, split the way lm-eval splits them for causal models."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:  # lm-eval conditions on the BOS (or EOS) token alone
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation).input_ids
+    ctx = tokenizer(context).input_ids
+    return ctx, whole[len(ctx):]
+
+
+def supports_prefix_cache(model) -> bool:
+    """Whether the context can be run once and its KV cache reused for every choice: each
+    decoder layer is a distinct module whose attention caches under its own position (an
+    emulator that shares one layer at several positions does not qualify)."""
+    try:
+        layers = get_layers(model)
+    except ValueError:
+        return False
+    if len({id(layer) for layer in layers}) != len(layers):
+        return False
+    attention = [getattr(layer, "self_attn", None) or getattr(layer, "attn", None) for layer in layers]  # Llama-likes, GPT-2
+    return all(getattr(a, "layer_idx", None) == i for i, a in enumerate(attention))
+
+
+def _logprob_of(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` (LM head applied only here)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _cached_scores(model, group: list[tuple[list[int], list[list[int]]]], pad: int, device) -> list[float]:
+    """Summed continuation log-probs for questions ``(context, [continuations])``: one forward
+    over the left-padded contexts, then one over all continuations on top of the repeated cache."""
+    from transformers import DynamicCache
+
+    q = len(group)
+    width = max(len(ctx) for ctx, _ in group)
+    ids = torch.full((q, width), pad, dtype=torch.long)
+    mask = torch.zeros((q, width), dtype=torch.long)
+    for i, (ctx, _) in enumerate(group):
+        ids[i, width - len(ctx):] = torch.tensor(ctx)
+        mask[i, width - len(ctx):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache = DynamicCache(config=model.config)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                              cache=cache, use_cache=True).last_hidden_state[:, -1]
+    owner = torch.tensor([i for i, (_, conts) in enumerate(group) for _ in conts], device=device)
+    conts = [c for _, cs in group for c in cs]
+    first = _logprob_of(model, hidden[owner], torch.tensor([c[0] for c in conts], device=device))
+    rest_width = max(len(c) for c in conts) - 1
+    if rest_width == 0:
+        return first.tolist()
+    n = len(conts)
+    rest = torch.full((n, rest_width), pad, dtype=torch.long)
+    targets = torch.full((n, rest_width), IGNORE, dtype=torch.long)
+    rest_mask = torch.zeros((n, rest_width), dtype=torch.long)
+    for j, c in enumerate(conts):
+        rest[j, : len(c) - 1] = torch.tensor(c[:-1])
+        targets[j, : len(c) - 1] = torch.tensor(c[1:])
+        rest_mask[j, : len(c) - 1] = 1
+    rest, targets, rest_mask = rest.to(device), targets.to(device), rest_mask.to(device)
+    cache.reorder_cache(owner)
+    positions = mask.sum(-1)[owner, None] + torch.arange(rest_width, device=device)
+    hidden = model.base_model(input_ids=rest, attention_mask=torch.cat([mask[owner], rest_mask], dim=1), position_ids=positions,
+                              cache=cache, use_cache=True).last_hidden_state
+    where = targets != IGNORE
+    logprobs = _logprob_of(model, hidden[where], targets[where])
+    return first.index_add(0, where.nonzero()[:, 0], logprobs).tolist()
+
+
 @torch.no_grad()
-def score_mc(model, tokenizer, rows: Sequence[dict], *, pad_id: int, batch_size: int = 16, max_length: int = 512, progress: bool = False) -> dict[str, float]:
-    """``acc`` and ``acc_norm`` of ``model`` on multiple-choice ``rows``."""
+def score_mc(
+    model, tokenizer, rows: Sequence[dict], *, batch_size: int = 16, max_length: int = 2048,
+    progress: bool = False, prefix_cache: bool | None = None, desc: str = "multiple choice",
+) -> dict[str, float]:
+    """``acc``, ``acc_norm`` and ``acc_bytes`` of ``model`` on ``{query, choices, gold}`` rows.
+
+    ``batch_size`` counts continuations per forward pass. With ``prefix_cache`` (the default
+    where :func:`supports_prefix_cache` allows it) each question's context runs once and its KV
+    cache serves all choices; otherwise every context+choice sequence runs in full. Both give
+    the same sums; the cached path skips the repeated context and the LM head on it.
+    """
+    start = time.perf_counter()
+    was_training = model.training
     model.eval()
-    examples, owners = [], []
-    for q, row in enumerate(rows):
-        context = tokenizer(row["query"], add_special_tokens=False).input_ids
-        for choice in row["choices"]:
-            cont = tokenizer(" " + choice, add_special_tokens=False).input_ids
-            ids = (context + cont)[-max_length:]
-            labels = ([IGNORE] * len(context) + cont)[-max_length:]
-            examples.append(Tokenized(ids, labels))
-            owners.append((q, len((" " + choice).encode("utf-8"))))
-    scores = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="multiple choice", disable=not progress, leave=False):
-        scores += sequence_logprobs(model, collate(examples[start : start + batch_size], pad_id)).tolist()
-    per_q: dict[int, list[tuple[float, int]]] = {}
-    for (q, nbytes), score in zip(owners, scores):
-        per_q.setdefault(q, []).append((score, nbytes))
-    acc = acc_norm = 0
-    for q, row in enumerate(rows):
-        sums = per_q[q]
-        acc += max(range(len(sums)), key=lambda i: sums[i][0]) == row["gold"]
-        acc_norm += max(range(len(sums)), key=lambda i: sums[i][0] / sums[i][1]) == row["gold"]
-    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "n": len(rows)}
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    use_cache = supports_prefix_cache(model) if prefix_cache is None else prefix_cache
+    encoded = []
+    for row in rows:
+        pairs = [encode_pair(tokenizer, row["query"], " " + choice) for choice in row["choices"]]
+        ctx = pairs[0][0]
+        if any(p[0] != ctx for p in pairs) or any(not p[1] for p in pairs):
+            raise DataError(f"question {row['query'][:60]!r}: a choice changes the context's tokens or is empty")
+        conts = [p[1][-max_length + 1:] for p in pairs]
+        encoded.append((ctx[-(max_length - max(map(len, conts))):], conts))
+    # longest first, so a batch's padding is small and an out-of-memory error shows up at once
+    def length(i: int) -> int:  # what a batch pads to: the context alone when it runs once
+        return len(encoded[i][0]) + (0 if use_cache else max(map(len, encoded[i][1])))
+
+    order = sorted(range(len(encoded)), key=lambda i: -length(i))
+    groups, group, size = [], [], 0
+    for i in order:
+        if group and size + len(encoded[i][1]) > batch_size:
+            groups.append(group)
+            group, size = [], 0
+        group.append(i)
+        size += len(encoded[i][1])
+    groups.append(group)
+    sums: dict[int, list[float]] = {}
+    for group in tqdm(groups, desc=desc, disable=not progress, leave=False):
+        if use_cache:
+            flat = _cached_scores(model, [encoded[i] for i in group], pad, device)
+        else:
+            examples = [Tokenized(encoded[i][0] + c, [IGNORE] * len(encoded[i][0]) + c) for i in group for c in encoded[i][1]]
+            flat = sequence_logprobs(model, collate(examples, pad)).tolist()
+        for i in group:
+            k = len(encoded[i][1])
+            sums[i], flat = flat[:k], flat[k:]
+    model.train(was_training)
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
+    for i, row in enumerate(rows):
+        lls = sums[i]
+        for key, norm in (("acc", lambda c: 1.0), ("acc_norm", len), ("acc_bytes", lambda c: len(c.encode("utf-8")))):
+            best = max(range(len(lls)), key=lambda j: lls[j] / norm(row["choices"][j]))
+            hits[key] += best == row["gold"]
+    n = len(rows)
+    log.debug("%s: %d questions in %.1f s (prefix cache %s)", desc, n, time.perf_counter() - start, use_cache)
+    return {**{k: v / n for k, v in hits.items()}, "n": n, "seconds": time.perf_counter() - start}

@@ -47,6 +47,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: object
     model_id: str  # what the user asked for, resolved (path or hub name)
+    folder: str | None = None  # a Hugging Face folder holding these weights (the GGUF cache), for other tools
 
 
 def default_cache_dir() -> Path:
@@ -128,7 +129,7 @@ def _load_local(path: Path, cache_dir: str | Path | None, dtype: torch.dtype) ->
                 return _load_gguf(ggufs[0], cache_dir, dtype, model_id=str(ggufs[0].resolve()))
             raise ModelError(f"{path}: no config.json (not a Hugging Face model folder)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return LoadedModel(model, AutoTokenizer.from_pretrained(path), str(path.resolve()))
+        return LoadedModel(model, AutoTokenizer.from_pretrained(path), str(path.resolve()), str(path.resolve()))
     raise ModelError(f"{path}: expected a model folder, a .safetensors or a .gguf file")
 
 
@@ -146,7 +147,7 @@ def _load_hub(name: str, dtype: torch.dtype) -> LoadedModel:
             f"(offline?). Give a local folder, a .gguf/.safetensors file, or '{DEFAULT_MODEL}'. "
             f"({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from None
-    return LoadedModel(model, tokenizer, name)
+    return LoadedModel(model, tokenizer, name, name)
 
 
 def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, model_id: str) -> LoadedModel:
@@ -159,7 +160,7 @@ def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, mod
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(cache)
         log.info("loaded %s from cache %s in %.1fs", gguf.name, cache, time.perf_counter() - start)
-        return LoadedModel(model, tokenizer, model_id)
+        return LoadedModel(model, tokenizer, model_id, str(cache))
     start = time.perf_counter()
     log.info("de-quantizing %s (first load; cached afterwards in %s)", gguf.name, cache)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
@@ -181,7 +182,7 @@ def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, mod
     else:
         tmp.rename(cache)
     log.info("de-quantized %s in %.1fs", gguf.name, time.perf_counter() - start)
-    return LoadedModel(model, tokenizer, model_id)
+    return LoadedModel(model, tokenizer, model_id, str(cache))
 
 
 def layer_path(model: nn.Module) -> str:

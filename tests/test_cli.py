@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fed_crash.artifacts import ADAPTERS, WEIGHTS
+from tests.conftest import ROWS
 
 
 def fed_crash(*args, check=True):
@@ -39,6 +40,36 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
     assert report["emulator_fine_tuned"]["loss"] < report["emulator_zero_shot"]["loss"]
     assert report["training"]["steps"] == 20
 
+    # the four-model table on a multiple-choice file and held-out instructions
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps({"query": f"Question: {r['instruction']}", "choices": [r["output"], "no idea"], "gold": 0}) for r in ROWS[:6]))
+    result = fed_crash("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
+                       "--task", mc, "--data", data_file, "--instruct-examples", "8", "--generate", "2", "--max-new-tokens", "3",
+                       "--out", tmp_path / "report", "--no-progress")
+    table = json.loads((tmp_path / "report" / "report.json").read_text())["models"]
+    assert list(table) == ["full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"]
+    # the same held-out rows as tune's report, so the losses agree
+    for name in table:
+        assert table[name]["instruct"]["loss"] == pytest.approx(report[name]["loss"], abs=1e-4)
+        assert set(table[name]["tasks"]["mc"]) >= {"acc", "acc_norm", "acc_bytes"} and 0 <= table[name]["instruct"]["rougeL"] <= 1
+    assert "| plug_in |" in result.stdout and (tmp_path / "report" / "report.md").is_file()
+    assert len((tmp_path / "report" / "generations-plug_in.jsonl").read_text().splitlines()) == 2
+
+    single = fed_crash("eval", "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors", "--task", mc,
+                       "--out", tmp_path / "eval", "--no-progress")
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"]["mc"]
+    assert scores == {**table["emulator_fine_tuned"]["tasks"]["mc"], "seconds": scores["seconds"]}
+    assert "| emulator+adapters |" in single.stdout
+
+    # the landscape from the tuned adapters to the untuned ones: end points are the two plug-ins
+    fed_crash("landscape", "--model", tiny_model_dir, "--a", out / "adapters.safetensors", "--b", out / "emulator" / "adapters.safetensors",
+              "--points", "3", "--data", data_file, "--eval-examples", "8", "--out", tmp_path / "land", "--no-progress")
+    curve = json.loads((tmp_path / "land" / "landscape.json").read_text())["curve"]
+    assert [p["t"] for p in curve] == [0, 0.5, 1]
+    assert curve[0]["loss"] == pytest.approx(report["plug_in"]["loss"], abs=1e-4)
+    assert curve[-1]["loss"] == pytest.approx(report["full_zero_shot"]["loss"], abs=1e-4)
+    assert (tmp_path / "land" / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+
     plugged = tmp_path / "plugged"
     fed_crash("plugin", "--model", tiny_model_dir, "--adapters", out / "adapters.safetensors", "--out", plugged)
     weights = load_file(plugged / "model.safetensors")
@@ -50,6 +81,7 @@ def test_similarity_writes_a_heatmap_and_clusters(tiny_model_dir, data_file, tmp
     fed_crash("similarity", "--model", tiny_model_dir, "--data", data_file, "--calib-samples", "16", "--keep", "2",
               "--pooling", "last", "--out", tmp_path, "--no-progress")
     assert (tmp_path / "cka.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "clusters.png").read_bytes()[:4] == b"\x89PNG"
     info = json.loads((tmp_path / "cka.json").read_text())
     assert len(info["cka"]) == 8 and len(info["clusters"]) == 2
     assert info["cka"][3][3] == pytest.approx(1.0, abs=1e-5)
@@ -58,6 +90,10 @@ def test_similarity_writes_a_heatmap_and_clusters(tiny_model_dir, data_file, tmp
 @pytest.mark.parametrize("args,message", [
     (["tune", "--model", "/no/such/model", "--out", "x"], "model path '/no/such/model' does not exist"),
     (["emulator", "build", "--keep", "99", "--out", "x"], "cannot keep 99 layers"),
+    (["eval", "--task", "arc_eazy", "--out", "x"], "'arc_eazy' is neither a .jsonl file nor one of"),
+    (["eval", "--out", "x"], "nothing to evaluate: give --task and/or --instruct-examples"),
+    (["eval", "--task", "/no/such.jsonl", "--out", "x"], "multiple-choice file /no/such.jsonl does not exist"),
+    (["eval", "--task", "t.jsonl", "--fields", "question={q}", "--out", "x"], "expected KEY=VALUE with KEY in"),
     (["plugin", "--adapters", "/no/a.safetensors", "--out", "x"], "adapter file /no/a.safetensors does not exist"),
 ])
 def test_bad_input_is_one_clear_line(tiny_model_dir, args, message):

@@ -1,0 +1,209 @@
+"""Evaluate one model, or the four models offsite-tuning is judged by, and CRaSh's 1-D loss landscape.
+
+Offsite-tuning asks three questions: does the plug-in beat the full model zero-shot, how far is
+it from fine-tuning, and how good is the emulator. :func:`four_model_report` answers them on
+the same tasks for full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in, with
+multiple-choice accuracy (:mod:`fed_crash.mc`), held-out loss/perplexity on response tokens and
+ROUGE-L of greedy answers to held-out instructions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifacts import ArtifactError, load_adapters, load_emulator
+from .config import DataConfig, EvalConfig
+from .data import format_prompt, load_instructions, pad_id, split_rows, tokenize
+from .emulator import check_adapters, plug_in
+from .mc import HUB_TASKS, Fields, McTask, load_task, score_mc, supports_prefix_cache
+from .models import load_model, state_hash
+from .train import evaluate
+
+log = logging.getLogger(__name__)
+
+MODELS = ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in")
+
+
+def load_tasks(sources: Sequence[str], cfg: EvalConfig, seed: int = 0) -> list[McTask]:
+    """Multiple-choice tasks (files or hub names) with the same sample for every model."""
+    fields = Fields.parse(cfg.fields) if cfg.fields else None
+    tasks = []
+    for source in sources:
+        task = load_task(source, fields=None if source in HUB_TASKS else fields, limit=0 if cfg.first else cfg.limit, seed=seed)
+        if cfg.first and cfg.limit:
+            task.rows = task.rows[: cfg.limit]
+        tasks.append(task)
+    return tasks
+
+
+def held_out_rows(data: DataConfig, n: int) -> list[dict[str, str]]:
+    """The first ``n`` rows of the seeded split: what ``tune`` and the Flower server hold out."""
+    if n <= 0:
+        return []
+    return split_rows(load_instructions(data.data, skip_malformed=data.skip_malformed), {"eval": n}, seed=data.seed)["eval"]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (Google's ``rouge_score``, Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
+
+
+@torch.no_grad()
+def generate(model, tokenizer, rows: Sequence[dict[str, str]], data: DataConfig, *, max_new_tokens: int = 64,
+             batch_size: int = 8, progress: bool = False) -> list[str]:
+    """Greedy answers to ``rows``' prompts (left-padded batches; stops at EOS)."""
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers = []
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress, leave=False):
+            prompts = [format_prompt(r, data.template, tokenizer) for r in rows[start : start + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=data.max_length).to(device)
+            out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 use_cache=supports_prefix_cache(model))
+            answers += [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def evaluate_model(
+    model, tokenizer, tasks: Sequence[McTask], instruct: Sequence[dict[str, str]], data: DataConfig, cfg: EvalConfig,
+    *, out: Path | None = None, name: str = "model", progress: bool = True,
+) -> dict:
+    """Multiple-choice scores per task, and held-out loss / perplexity / ROUGE-L on ``instruct``.
+    Greedy answers go to ``out/generations-<name>.jsonl`` with their references."""
+    result: dict = {"tasks": {}}
+    for task in tasks:
+        result["tasks"][task.name] = score_mc(model, tokenizer, task.rows, batch_size=cfg.batch_size, progress=progress,
+                                              desc=f"{name}: {task.name}")
+        log.info("%s %s: %s", name, task.name, _fmt(result["tasks"][task.name]))
+    if instruct:
+        start = time.perf_counter()
+        examples = tokenize(instruct, tokenizer, max_length=data.max_length, template=data.template)
+        result["instruct"] = evaluate(model, examples, pad_id(tokenizer), batch_size=cfg.batch_size, progress=progress, desc=f"{name}: loss")
+        if cfg.generate:
+            refs = instruct[: cfg.generate]
+            answers = generate(model, tokenizer, refs, data, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
+            scores = [rouge_l(a, r["output"]) for a, r in zip(answers, refs)]
+            result["instruct"].update(rougeL=sum(scores) / len(scores), generated=len(scores))
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / f"generations-{name}.jsonl", "w", encoding="utf-8") as fh:
+                    for r, a, s in zip(refs, answers, scores):
+                        fh.write(json.dumps({"instruction": r["instruction"], "input": r["input"], "reference": r["output"], "generated": a, "rougeL": s}) + "\n")
+        result["instruct"]["seconds"] = time.perf_counter() - start
+        log.info("%s held-out: %s", name, _fmt(result["instruct"]))
+    return result
+
+
+def _fmt(scores: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items())
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per model: acc / acc_norm per task, then loss, perplexity and ROUGE-L when present."""
+    first = next(iter(results.values()))
+    tasks = list(first["tasks"])
+    head = ["model"] + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
+    has_instruct = "instruct" in first
+    has_rouge = has_instruct and "rougeL" in first["instruct"]
+    head += ["loss", "ppl"] * has_instruct + ["ROUGE-L"] * has_rouge
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for name, r in results.items():
+        cells = [name] + [f"{100 * r['tasks'][t][m]:.2f}" for t in tasks for m in ("acc", "acc_norm")]
+        if has_instruct:
+            cells += [f"{r['instruct']['loss']:.4f}", f"{r['instruct']['ppl']:.2f}"]
+        if has_rouge:
+            cells.append(f"{r['instruct']['rougeL']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def four_model_report(
+    model_source: str, emulator_folder: str | Path, adapters: str | Path, tasks: Sequence[McTask], data: DataConfig, cfg: EvalConfig,
+    out: str | Path, *, cache_dir: str | None = None, device: str | None = None, progress: bool = True,
+) -> dict:
+    """Full zero-shot, emulator zero-shot (its initial adapters), emulator fine-tuned (``adapters``)
+    and plug-in (``adapters`` in the full model), on the same tasks and held-out rows.
+    Writes ``report.json`` and ``report.md`` to ``out``."""
+    out = Path(out)
+    start = time.perf_counter()
+    loaded = load_model(model_source, cache_dir=cache_dir, device=device)
+    emulator, _, manifest = load_emulator(emulator_folder, device=device)
+    if manifest["source"]["sha256"] != state_hash(loaded.model.state_dict()):
+        raise ArtifactError(f"emulator {emulator_folder} was built from {manifest['source']['model_id']}, whose weights differ from {model_source!r}")
+    tuned = load_adapters(adapters)
+    check_adapters(tuned, emulator.adapter_state(), f"emulator {emulator_folder}")
+    instruct = held_out_rows(data, cfg.instruct_examples)
+    results = {}
+
+    def run(name: str, model) -> None:
+        results[name] = evaluate_model(model, loaded.tokenizer, tasks, instruct, data, cfg, out=out, name=name, progress=progress)
+
+    run("full_zero_shot", loaded.model)
+    run("emulator_zero_shot", emulator.model)
+    emulator.load_adapters(tuned)
+    run("emulator_fine_tuned", emulator.model)
+    plug_in(loaded.model, tuned)
+    run("plug_in", loaded.model)
+    report = {
+        "models": results, "model": loaded.model_id, "emulator": str(emulator_folder), "adapters": str(adapters),
+        "spec": manifest["spec"], "tasks": {t.name: {"source": t.source, "n": len(t.rows)} for t in tasks},
+        "instruct_examples": len(instruct), "seconds": time.perf_counter() - start,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown_table(results) + "\n")
+    return report
+
+
+@torch.no_grad()
+def interpolate_adapters(
+    model, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], examples, pad: int, *, points: int = 25, batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """CRaSh's 1-D landscape: held-out loss of ``model`` with ``(1 - t) * a + t * b`` plugged in,
+    for ``points`` evenly spaced ``t`` in [0, 1]. The model's own weights are restored afterwards."""
+    if points < 2:
+        raise ValueError("points must be at least 2")
+    check_adapters(b, a, "adapter set A")
+    original = {k: v.detach().clone() for k, v in model.state_dict().items() if k in a}
+    curve = []
+    try:
+        for i in tqdm(range(points), desc="interpolate", disable=not progress, leave=False):
+            t = i / (points - 1)
+            plug_in(model, {k: torch.lerp(a[k].float(), b[k].float(), t).to(a[k].dtype) for k in a})
+            curve.append({"t": t, **evaluate(model, examples, pad, batch_size=batch_size, progress=False)})
+    finally:
+        plug_in(model, original)
+    return curve
+
+
+def plot_interpolation(curve: Sequence[dict], path: str | Path, *, labels: tuple[str, str] = ("A", "B"), title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([p["t"] for p in curve], [p["loss"] for p in curve], marker="o", markersize=3)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1], [f"0\n{labels[0]}", "0.25", "0.5", "0.75", f"1\n{labels[1]}"])
+    ax.set_xlabel("interpolation t: (1 - t) A + t B, plugged into the full model")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
