@@ -68,11 +68,14 @@ def save_emulator(
     source_id: str,
     similarity: torch.Tensor | None = None,
     extra: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring)."""
+    """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring).
+    ``weights``: the emulator's own weights when they changed after the cut (FedBiOT's
+    alignment, see :func:`fed_crash.emulator.emulator_weights`); else cut from ``model``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = emulator_state(model, spec)
+    weights = emulator_state(model, spec) if weights is None else weights
     save_tensors(out / WEIGHTS, weights)
     save_tensors(out / ADAPTERS, adapter_state(model, spec), {"spec": spec.to_dict(), "source_id": source_id})
     model.config.save_pretrained(out)

@@ -106,7 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default: 8265)")
     simulate.add_argument("--deployment", action="store_true", help="use Flower's deployment runtime instead: a SuperLink and --num-supernodes SuperNodes as processes on loopback")
     simulate.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds (default: 6 h)")
+
+    experiment = sub.add_parser("experiment", help="run a grid of federated runs from a TOML file (resumable) and write a comparison summary",
+                                description="Run every cell of an experiment file (a base run config times a grid of variants, see configs/) through `flwr run` like 'simulate', skipping cells that finished before; write results/<experiment>/summary.md, loss.png and accuracy.png. The exit code is 1 if a cell failed.")
+    experiment.add_argument("config", help="experiment file, e.g. configs/compare_strategies.toml")
+    experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a base run-config key for every cell, TOML value: --set model='path/to/model' --set train.steps=2 (repeatable)")
+    experiment.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for the runs' SuperLinks; node caches live in its nodes/ during a cell (default: .flwr)")
     return parser
+
+
+def _toml_assignment(text: str) -> tuple[str, object]:
+    """``key=value`` with a TOML value; a bare word is a string."""
+    import tomllib
+
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise C.ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +228,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                               gpus_per_client=args.gpus_per_client, env=env, **common)
     print(f"run {result.run_id}: {result.status} {result.details if result.status != 'finished:completed' else ''}".rstrip())
     return 0 if result.ok else 1
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment, run_experiment
+
+    experiment = load_experiment(args.config, dict(_toml_assignment(item) for item in args.set))
+    print(f"experiment {experiment.config.name}: {len(experiment.cells)} cells -> {experiment.folder}", flush=True)
+    statuses = run_experiment(experiment, flwr_home=Path(args.flwr_home).resolve(), echo=True)
+    for name, status in statuses.items():
+        print(f"{name}: {status}")
+    print(f"wrote {experiment.folder / 'summary.md'}")
+    return 0 if all(s in ("skipped", "finished:completed") for s in statuses.values()) else 1
 
 
 def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.EmulatorConfig:
@@ -317,7 +349,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
-            "report": cmd_report, "landscape": cmd_landscape}
+            "report": cmd_report, "landscape": cmd_landscape, "experiment": cmd_experiment}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,22 @@ class FederationConfig:
     model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
     cache_dir: str = opt("", "model cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     num_server_rounds: int = opt(3, "federated rounds")
-    strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package")
+    strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum")
+    proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss")
+    fedbiot_lambda: float = opt(0.0, "FedBiOT-style regulariser (any strategy): clients add lambda * ||adapters - round-start adapters||^2 to their loss (0 = off)")
+    fedbiot_align_steps: int = opt(0, "FedBiOT server alignment: after each round (and before the first) distil the emulator's middle toward the full model's on the server's public rows for this many steps, then resend the emulator (0 = off)")
+    fedbiot_align_lr: float = opt(1e-5, "FedBiOT server alignment: AdamW learning rate of the emulator's middle layers")
+    server_lr: float = opt(1.0, "FedAvgM: server learning rate on the averaged update (1.0 with momentum 0 is plain FedAvg)")
+    server_momentum: float = opt(0.9, "FedAvgM: server momentum")
+    fedopt_eta: float = opt(1e-3, "FedAdam/FedYogi/FedAdagrad: server learning rate; each adapter weight moves about this much per round, so keep it near lr * local steps")
+    fedopt_beta1: float = opt(0.9, "FedAdam/FedYogi: first-moment decay of the server optimizer")
+    fedopt_beta2: float = opt(0.99, "FedAdam/FedYogi: second-moment decay of the server optimizer")
+    fedopt_tau: float = opt(1e-6, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon); must stay well below the size of a round's adapter update")
+    trimmed_beta: float = opt(0.2, "FedTrimmedAvg: fraction of the lowest and of the highest values cut per weight, in [0, 0.5)")
+    krum_malicious: int = opt(0, "Krum: number of malicious nodes assumed")
+    dp_clipping_norm: float = opt(0.0, "differential privacy: clients clip their adapter update to this L2 norm and the server adds Gaussian noise to the mean (0 = off; fedavg or fedprox only)")
+    dp_noise_multiplier: float = opt(1.0, "differential privacy: noise standard deviation as a multiple of the clipping norm (divided by the sampled clients)")
+    dp_delta: float = opt(1e-5, "differential privacy: the delta at which the spent epsilon is reported each round")
     fraction_train: float = opt(1.0, "fraction of connected nodes sampled for training each round")
     min_train_nodes: int = opt(2, "sample at least this many nodes each round")
     min_available_nodes: int = opt(2, "wait until this many nodes are connected before a round starts")
@@ -104,6 +119,18 @@ class FederationConfig:
     results_dir: str = opt("results", "folder that holds one sub-folder per run")
     save_model: bool = opt(True, "save the final plug-in model (safetensors) in the run folder")
     progress: bool = opt(False, "progress bars in server and client logs")
+
+
+@dataclass
+class ExperimentConfig:
+    """The ``[experiment]`` table of an experiment file (see :mod:`fed_crash.experiment`)."""
+
+    name: str = opt("", "the experiment's name: results go to <results-dir>/<name>/ ('' = the file's stem)")
+    results_dir: str = opt("results", "folder that holds one sub-folder per experiment")
+    num_supernodes: int = opt(4, "simulated clients in every cell")
+    cpus_per_client: int = opt(1, "CPU cores Ray reserves per client actor")
+    gpus_per_client: float = opt(0.0, "GPU share per client actor")
+    timeout: float = opt(3600.0, "seconds one cell may take before it is stopped and counted as failed")
 
 
 @dataclass
@@ -140,12 +167,18 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
             known = [n.replace("_", "-") for n in sorted(top_fields | data_fields)]
             close = difflib.get_close_matches(key, known, n=1)
             raise ConfigError(f"run config: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    return RunConfig(
+    cfg = RunConfig(
         from_mapping(FederationConfig, parts["fed"], where="run config"),
         from_mapping(DataConfig, parts["data"], where="run config"),
         from_mapping(EmulatorConfig, parts["emulator"], where="run config [emulator]"),
         from_mapping(TrainConfig, parts["train"], where="run config [train]"),
     )
+    if cfg.train.lora_rank > 0 and (cfg.fed.fedbiot_lambda > 0 or (cfg.fed.strategy.lower() == "fedprox" and cfg.fed.proximal_mu > 0)):
+        # with LoRA the adapter weights are frozen and the term would be a constant: no effect
+        raise ConfigError("run config: proximal terms (fedprox's proximal-mu, fedbiot-lambda) need full adapter training (train.lora-rank = 0)")
+    if cfg.fed.fedbiot_align_steps > 0 and cfg.emulator.top == 0:
+        raise ConfigError("run config: fedbiot-align-steps aligns the hidden states entering the top adapters: it needs emulator.top > 0")
+    return cfg
 
 
 def _base_type(tp: Any) -> type:

@@ -248,6 +248,21 @@ def emulator_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torc
     return out
 
 
+def emulator_weights(emulator: "Emulator") -> dict[str, torch.Tensor]:
+    """An assembled emulator's own non-adapter weights under the keys :func:`emulator_state`
+    writes (the inverse of :func:`assemble`), so an emulator changed after the cut (FedBiOT's
+    alignment) is written and sent like one cut from the full model."""
+    model, spec, prefix = emulator.model, emulator.spec, emulator.prefix
+    out = {key: tensor for key, tensor in model.state_dict().items()
+           if _split_key(key, prefix) is None and not _tied_head(model.config, key)}
+    layers = get_layers(model)
+    for pos, (src, role) in enumerate(spec.layer_map()):
+        if role in ("kept", "frozen_copy"):  # adapters travel apart; shared positions repeat a kept layer
+            name = f"{prefix}.{src}" if role == "kept" else f"{FROZEN_PREFIX}.{src}"
+            out.update({f"{name}.{rest}": tensor for rest, tensor in layers[pos].state_dict().items()})
+    return out
+
+
 def adapter_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torch.Tensor]:
     """The adapter layers of a full model, keyed by their original layer index."""
     _check_depth(model, spec)

@@ -21,19 +21,23 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, get_norm
 from safetensors.torch import load_file
 
 from .artifacts import MANIFEST, WEIGHTS, load_emulator, save_adapters, save_emulator, save_tensors
 from .config import ConfigError, RunConfig, parse_run_config
 from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, tokenize
-from .emulator import Emulator, adapter_state, build_emulator, plug_in
+from .emulator import Emulator, adapter_state, build_emulator, emulator_weights, plug_in
 from .errors import FedCrashError
+from .fedbiot import align_emulator
 from .models import load_model, resolve_device
 from .partition import client_shard, server_and_client_rows
 from .pipeline import calibration_rows, plan_emulator
-from .train import evaluate, train_adapters
+from .train import evaluate, proximal_term, train_adapters
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +62,16 @@ def _data_source(cfg: RunConfig, name: str | None = None) -> str:
     return str(local) if local.suffix in (".json", ".jsonl") or local.exists() else name
 
 
+def public_rows_needed(cfg: RunConfig) -> bool:
+    """Whether the server needs public rows: CRaSh's calibration, FedBiOT's alignment."""
+    return cfg.emulator.method == "crash" or cfg.fed.fedbiot_align_steps > 0
+
+
 def calibration_slice(cfg: RunConfig) -> int:
-    """Rows of the instruction data the server keeps for CRaSh calibration: none for uniform
-    or when ``calib-data`` names a separate public dataset. Server and clients both call this,
-    so they carve the same client pool."""
-    return cfg.emulator.calib_samples if cfg.emulator.method == "crash" and not cfg.fed.calib_data else 0
+    """Rows of the instruction data the server keeps as public rows (CRaSh calibration, FedBiOT
+    alignment): none when neither needs them or when ``calib-data`` names a separate public
+    dataset. Server and clients both call this, so they carve the same client pool."""
+    return cfg.emulator.calib_samples if public_rows_needed(cfg) and not cfg.fed.calib_data else 0
 
 
 def run_config(context: Context) -> RunConfig:
@@ -141,20 +150,47 @@ def client_train(msg: Message, context: Context) -> Message:
     emulator.load_adapters(adapters)
     emulator.model.to(resolve_device("auto"))  # CUDA when Ray gave this actor a GPU
     examples = _client_examples(cfg, context, tokenizer)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
     pid = int(context.node_config["partition-id"])
     train_cfg = replace(cfg.train, seed=cfg.train.seed + 1000 * server_round + pid)
-    stats = train_adapters(emulator, examples, pad_id(tokenizer), train_cfg, progress=cfg.fed.progress)
-    metrics = MetricRecord({
+    # FedProx sends proximal-mu (term (mu/2)||w - w0||^2); FedBiOT's lambda||w - w0||^2 has the same form
+    coefficient = float(config.get("proximal-mu", 0.0)) / 2 + cfg.fed.fedbiot_lambda
+    extra = proximal_term(emulator.trainable_parameters(), coefficient) if coefficient > 0 else None
+    stats = train_adapters(emulator, examples, pad_id(tokenizer), train_cfg, extra_loss=extra, progress=cfg.fed.progress)
+    values = {
         "num-examples": len(examples),
         "train-loss": float(stats["train_loss"]),
         "first-loss": float(stats["first_loss"]),
         "tokens": int(stats["tokens"]),
         "steps": int(stats["steps"]),
         "seconds": float(stats["seconds"]),
-    })
-    reply = RecordDict({"arrays": ArrayRecord(emulator.adapter_state()), "metrics": metrics, "client": ConfigRecord({"partition-id": pid})})
+    }
+    trained = emulator.adapter_state()
+    if KEY_CLIPPING_NORM in config:  # differential privacy: the server adds noise to the mean
+        from strategies import UNIT_WEIGHT_KEY
+
+        trained, values["update-norm"] = clip_update(trained, adapters, float(config[KEY_CLIPPING_NORM]))
+        values[UNIT_WEIGHT_KEY] = 1
+    reply = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(values), "client": ConfigRecord({"partition-id": pid})})
     return Message(reply, reply_to=msg)
+
+
+def clip_update(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor], clipping_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Scale the update ``trained - start`` (all tensors as one vector) down to L2 norm at most
+    ``clipping_norm`` with Flower's own ``compute_clip_model_update``; returns the clipped
+    adapters and the update's norm before clipping.
+
+    This is what Flower's ``fixedclipping_mod`` does, done here because that mod answers with an
+    error unless the message holds exactly one ArrayRecord and one ConfigRecord, and the first
+    message to each node also carries the emulator.
+    """
+    keys = list(trained)
+    new = [trained[k].detach().cpu().numpy().copy() for k in keys]
+    old = [start[k].detach().cpu().numpy() for k in keys]
+    norm = get_norm([a - b for a, b in zip(new, old)])
+    compute_clip_model_update(new, old, clipping_norm)
+    return {k: torch.from_numpy(np.asarray(v)).to(trained[k].dtype) for k, v in zip(keys, new)}, float(norm)
 
 
 # --------------------------------------------------------------------------- server
@@ -185,7 +221,7 @@ def _mb(n: float) -> str:
 
 def serve(grid: Grid, context: Context) -> Path:
     """The ServerApp's main: see module docstring. Returns the run folder."""
-    from strategies import OffsiteStrategy, RoundTraffic, make_strategy
+    from strategies import ClientClippingDP, OffsiteStrategy, RoundTraffic, make_strategy, server_state
 
     from .mc import HUB_TASKS, load_task, score_mc
 
@@ -196,7 +232,7 @@ def serve(grid: Grid, context: Context) -> Path:
     mc_rows = load_task(mc_source, limit=cfg.fed.mc_samples, seed=cfg.data.seed).rows if cfg.fed.mc_task else []
     rows = load_instructions(source, skip_malformed=cfg.data.skip_malformed)
     parts = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))
-    if cfg.emulator.method == "crash" and cfg.fed.calib_data:
+    if public_rows_needed(cfg) and cfg.fed.calib_data:
         parts["calibration"] = calibration_rows(_data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
     strategy_inner = make_strategy(cfg.fed)
     loaded = load_model(cfg.fed.model, cache_dir=cfg.fed.cache_dir or None, device="auto")
@@ -210,12 +246,23 @@ def serve(grid: Grid, context: Context) -> Path:
     server_emulator = build_emulator(model, spec)
     full_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())  # tied tensors once
     held_out = tokenize(parts["eval"], tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
+    public = tokenize(parts["calibration"], tokenizer, max_length=cfg.data.max_length, template=cfg.data.template) if cfg.fed.fedbiot_align_steps > 0 else []
     pad = pad_id(tokenizer)
     dtypes = {k: v.dtype for k, v in adapter_state(model, spec).items()}
     strategy = OffsiteStrategy(strategy_inner, emulator_payload(run_dir / "emulator"), min_available_nodes=cfg.fed.min_available_nodes)
     (run_dir / "adapters").mkdir()
     metrics_file = run_dir / "metrics.jsonl"
     history: list[dict] = []
+
+    def realign(server_round: int) -> dict:
+        """FedBiOT: distil the emulator toward the full model (both hold this round's adapters),
+        write it as a new emulator folder and have every node receive it with its next message."""
+        stats = align_emulator(server_emulator, model, public, pad, steps=cfg.fed.fedbiot_align_steps, lr=cfg.fed.fedbiot_align_lr,
+                               batch_size=cfg.train.batch_size, seed=cfg.data.seed + server_round)
+        folder = save_emulator(run_dir / f"emulator-round-{server_round}", model, tokenizer, spec, source_id=loaded.model_id,
+                               similarity=similarity, weights=emulator_weights(server_emulator))
+        strategy.resend_emulator(emulator_payload(folder))
+        return stats
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         round_start = time.perf_counter()
@@ -229,6 +276,12 @@ def serve(grid: Grid, context: Context) -> Path:
             scores = score_mc(model, tokenizer, mc_rows, batch_size=cfg.fed.eval_batch_size * 4)
             server.update({f"plugin_{k}": scores[k] for k in ("acc", "acc_norm", "acc_bytes")})
         save_adapters(run_dir / "adapters" / f"round-{server_round}.safetensors", adapters, {"round": server_round, "spec": spec.to_dict()})
+        optimizer = server_state(strategy_inner)  # FedAdam's moments etc.: resuming needs them with the adapters
+        if optimizer:
+            save_tensors(run_dir / "adapters" / f"round-{server_round}.optimizer.safetensors",
+                         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in optimizer.items()}, {"round": server_round, "strategy": cfg.fed.strategy})
+        spent = strategy_inner.spent.get(server_round) if isinstance(strategy_inner, ClientClippingDP) else None
+        aligned = realign(server_round) if cfg.fed.fedbiot_align_steps > 0 and server_round < cfg.fed.num_server_rounds else None
         traffic = strategy.rounds.get(server_round, RoundTraffic())  # round 0: nothing sent yet
         clients = traffic.clients
         line = {
@@ -242,6 +295,8 @@ def serve(grid: Grid, context: Context) -> Path:
             "bytes_down_per_client": traffic.down,
             "bytes_up_per_client": traffic.up,
             "full_model_bytes": full_bytes,
+            **({"privacy": {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}} if spent else {}),
+            **({"alignment": aligned} if aligned else {}),
             "eval_seconds": time.perf_counter() - round_start,
             "elapsed_seconds": time.perf_counter() - start,
         }
@@ -251,10 +306,12 @@ def serve(grid: Grid, context: Context) -> Path:
         examples = sum(c["num-examples"] for c in clients)
         train_loss = f"{sum(c['train-loss'] * c['num-examples'] for c in clients) / examples:.3f}" if examples else "-"
         acc = f" | acc {server['plugin_acc']:.3f}" if "plugin_acc" in server else ""
+        extras = f" | epsilon {spent.epsilon:.2f} at delta {spent.delta:g}" if spent else ""
+        extras += f" | emulator aligned {aligned['first_loss']:.4f} -> {aligned['last_loss']:.4f}" if aligned else ""
         log.info(
-            "round %d/%d | clients %d ok %d failed | train loss %s | plug-in loss %.4f | emulator loss %.4f%s | down %s up %s | %.0fs",
+            "round %d/%d | clients %d ok %d failed | train loss %s | plug-in loss %.4f | emulator loss %.4f%s | down %s up %s%s | %.0fs",
             server_round, cfg.fed.num_server_rounds, len(clients), len(line["failures"]), train_loss,
-            plugin["loss"], emu["loss"], acc, _mb(line["bytes_down"]), _mb(line["bytes_up"]), line["elapsed_seconds"],
+            plugin["loss"], emu["loss"], acc, _mb(line["bytes_down"]), _mb(line["bytes_up"]), extras, line["elapsed_seconds"],
         )
         return MetricRecord({k: float(v) for k, v in server.items()})
 

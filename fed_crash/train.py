@@ -79,6 +79,24 @@ def _lora_targets(emulator: Emulator) -> list[str]:
     return names
 
 
+def proximal_term(params: Sequence[nn.Parameter], coefficient: float) -> Callable[[], torch.Tensor]:
+    """``coefficient * ||w - w_start||^2`` summed over ``params``, anchored at their values now:
+    in federated training, the adapters the round started from.
+
+    One form serves two methods: FedProx (Li et al., 2020) with ``coefficient = mu / 2``, and the
+    FedBiOT regulariser (Wu et al., KDD 2024) ``lambda * ||.||^2`` that keeps the adapters tuned
+    on the emulator close to the ones the server plugs into the full model. Use as
+    :func:`train_adapters`'s ``extra_loss``.
+    """
+    params = list(params)
+    anchors = [p.detach().clone() for p in params]
+
+    def term() -> torch.Tensor:
+        return coefficient * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+
+    return term
+
+
 def train_adapters(
     emulator: Emulator,
     examples: Sequence[Tokenized],

@@ -7,7 +7,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -40,8 +41,10 @@ class RoundTraffic:
 
 class OffsiteStrategy(Strategy):
     """Delegates sampling and aggregation to ``inner``; adds the emulator records to the first
-    message each node receives, records traffic and per-client metrics in ``self.rounds``, and
-    skips federated evaluation."""
+    message each node receives (again after :meth:`resend_emulator`), records traffic and
+    per-client metrics in ``self.rounds``, and skips federated evaluation. The aggregate keeps
+    the dtypes of the adapters sent (server optimizers compute in float64; clients and the
+    plug-in check dtypes)."""
 
     def __init__(self, inner: Strategy, emulator: RecordDict, *, min_available_nodes: int = 1, settle_s: float = 1.0) -> None:
         self.inner = inner
@@ -50,6 +53,12 @@ class OffsiteStrategy(Strategy):
         self.rounds: dict[int, RoundTraffic] = {}
         self.min_available_nodes = min_available_nodes
         self.settle_s = settle_s
+        self.sent_dtypes: dict[str, str] = {}
+
+    def resend_emulator(self, emulator: RecordDict) -> None:
+        """A changed emulator (FedBiOT alignment): every node gets it with its next message."""
+        self.emulator = emulator
+        self.sent_emulator.clear()
 
     def _wait_for_nodes(self, grid: Grid) -> None:
         """Wait until enough nodes are connected and their number has settled, so the first
@@ -67,6 +76,7 @@ class OffsiteStrategy(Strategy):
         if server_round == 1:
             self._wait_for_nodes(grid)
         traffic = self.rounds.setdefault(server_round, RoundTraffic())
+        self.sent_dtypes = {key: array.dtype for key, array in arrays.items()}
         out = []
         for message in self.inner.configure_train(server_round, arrays, config, grid):
             node = message.metadata.dst_node_id
@@ -92,7 +102,10 @@ class OffsiteStrategy(Strategy):
             traffic.up[node] = record_bytes(reply.content)
             metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
             traffic.clients.append({"node": node, **metrics})
-        return self.inner.aggregate_train(server_round, replies)
+        arrays, aggregated = self.inner.aggregate_train(server_round, replies)
+        if arrays is not None and any(array.dtype != self.sent_dtypes.get(key, array.dtype) for key, array in arrays.items()):
+            arrays = ArrayRecord({key: Array(np.asarray(array.numpy(), dtype=self.sent_dtypes[key])) for key, array in arrays.items()})
+        return arrays, aggregated
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # the server evaluates the plugged-in model itself (evaluate_fn)

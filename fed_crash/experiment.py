@@ -1,0 +1,272 @@
+"""Experiments: one base run config, a grid of variants, every cell a real ``flwr run``.
+
+An experiment file (TOML)::
+
+    [experiment]                # ExperimentConfig: name, results-dir, num-supernodes, timeout ...
+    name = "compare_strategies"
+
+    [base]                      # run config for every cell, keys as in simulations/alpaca/pyproject.toml
+    num-server-rounds = 3
+    [base.train]                # sections become dotted keys: train.steps
+    steps = 10
+
+    [grid]
+    strategy = ["fedavg", "fedadam"]          # an axis over one run-config key, named by value
+    [grid.emulator]                           # an axis of named variants, each a set of overrides
+    uniform = { emulator = { method = "uniform" } }
+    crash = { emulator = { method = "crash", share = true } }
+
+The cells are the product of the axes (a variant's overrides win over the base), named by
+their variant names joined with ``_``. Each runs through :func:`fed_crash.launch.flwr_run`, the
+code path of ``fed-crash simulate``, into ``<results-dir>/<name>/<cell>/``; a cell whose
+``cell.json`` exists has finished and is skipped, so a stopped experiment resumes where it
+was. Every cell's config is checked before the first one runs. At the end ``summary.md``,
+``loss.png`` and ``accuracy.png`` compare the finished cells.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ConfigError, ExperimentConfig, from_mapping, parse_run_config
+
+log = logging.getLogger(__name__)
+
+CELL_FILE = "cell.json"  # written when a cell finished; its presence means "skip"
+RUNNER_KEYS = ("run-name", "results-dir")  # the runner sets these per cell
+_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.+-]+$")  # folder names: no separators, not . or ..
+
+
+@dataclass
+class Cell:
+    name: str
+    axes: dict[str, str]  # axis -> variant name
+    run_config: dict[str, Any]  # flat: base overridden by the variants
+
+
+@dataclass
+class Experiment:
+    config: ExperimentConfig
+    axes: list[str]
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        from .federated import resolve_path
+
+        return resolve_path(self.config.results_dir) / self.config.name
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables to flat run-config keys: {"train": {"steps": 2}} -> {"train.steps": 2}."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def app_run_config(app: Path | None = None) -> dict[str, Any]:
+    """The Flower app's default run config, flat, from its pyproject.toml: ``flwr run`` rejects
+    (with only "Invalid run configuration") an override of any key not listed there."""
+    from .launch import APP
+
+    data = tomllib.loads(((app or APP) / "pyproject.toml").read_text())
+    return flatten(data["tool"]["flwr"]["app"]["config"])
+
+
+def _axis(name: str, spec: Any) -> dict[str, dict[str, Any]]:
+    """An axis's variants: a list of values of run-config key ``name``, or a table of named
+    override tables."""
+    if isinstance(spec, list) and spec:
+        return {str(value): {name: value} for value in spec}
+    if isinstance(spec, Mapping) and spec and all(isinstance(v, Mapping) for v in spec.values()):
+        return {variant: flatten(overrides) for variant, overrides in spec.items()}
+    raise ConfigError(f"experiment [grid]: axis {name!r} must be a non-empty list of values or a table of named override tables")
+
+
+def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:
+    """Read and check an experiment file; ``overrides`` (flat run-config keys) apply to the base.
+    Every cell's run config is parsed and its strategy built, so a bad key or value fails here,
+    by name, before anything runs."""
+    from strategies import make_strategy
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"experiment file {path}: {err}") from None
+    unknown = set(data) - {"experiment", "base", "grid"}
+    if unknown:
+        raise ConfigError(f"experiment file {path}: unknown table(s) {sorted(unknown)}; expected [experiment], [base], [grid]")
+    config = from_mapping(ExperimentConfig, data.get("experiment", {}), where=f"{path} [experiment]")
+    config.name = config.name or path.stem
+    if not _NAME.match(config.name):
+        raise ConfigError(f"{path} [experiment]: name {config.name!r} may hold letters, digits, '_', '.', '+' and '-' only (it names a folder)")
+    base = {**flatten(data.get("base", {})), **(overrides or {})}
+    grid = {axis: _axis(axis, spec) for axis, spec in data.get("grid", {}).items()}
+    experiment = Experiment(config, list(grid))
+    for combo in itertools.product(*[list(variants.items()) for variants in grid.values()]):
+        names = [variant for variant, _ in combo]
+        if not all(_NAME.match(n) for n in names):
+            raise ConfigError(f"experiment [grid]: variant names may hold letters, digits, '_', '.', '+' and '-': {names}")
+        run_config = dict(base)
+        for _, variant_overrides in combo:
+            run_config.update(variant_overrides)
+        experiment.cells.append(Cell("_".join(names) or "base", dict(zip(grid, names)), run_config))
+    app_keys = app_run_config()
+    for cell in experiment.cells:
+        taken = [k for k in RUNNER_KEYS if k in cell.run_config]
+        if taken:
+            raise ConfigError(f"experiment cell {cell.name!r}: {taken} are set by the runner (use [experiment] results-dir)")
+        try:
+            make_strategy(parse_run_config(cell.run_config).fed)
+        except ConfigError as err:
+            raise ConfigError(f"experiment cell {cell.name!r}: {err}") from None
+        absent = sorted(set(cell.run_config) - set(app_keys))
+        if absent:
+            raise ConfigError(f"experiment cell {cell.name!r}: {absent} not in the app's run config (simulations/alpaca/pyproject.toml), so flwr run would refuse them")
+    names = [cell.name for cell in experiment.cells]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"experiment [grid]: two cells share a name: {sorted({n for n in names if names.count(n) > 1})}")
+    return experiment
+
+
+def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = False) -> dict[str, str]:
+    """Run every unfinished cell, then write the summary. Returns each cell's status. A cell
+    that finished with another run config than the file gives it now is an error: skipping it
+    would mix two experiments in one summary."""
+    from .launch import flwr_run
+
+    folder = experiment.folder
+    for cell in experiment.cells:
+        done = folder / cell.name / CELL_FILE
+        if done.is_file() and json.loads(done.read_text())["run_config"] != json.loads(json.dumps(cell.run_config)):
+            raise ConfigError(f"cell {cell.name!r} finished with another run config ({done}); "
+                              "name the changed experiment differently or remove that cell's folder")
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    statuses: dict[str, str] = {}
+    for i, cell in enumerate(experiment.cells, 1):
+        run_dir = folder / cell.name
+        if (run_dir / CELL_FILE).is_file():
+            log.info("cell %d/%d %s: finished before, skipped", i, len(experiment.cells), cell.name)
+            statuses[cell.name] = "skipped"
+            continue
+        if run_dir.exists():  # an attempt that did not finish; its output is in logs/
+            shutil.rmtree(run_dir)
+        log.info("cell %d/%d %s: running", i, len(experiment.cells), cell.name)
+        node_cache = flwr_home / "nodes" / cell.name  # per cell, removed after it: emulators are large
+        start = time.perf_counter()
+        result = flwr_run(
+            {**cell.run_config, "run-name": cell.name, "results-dir": str(folder)},
+            num_supernodes=experiment.config.num_supernodes, cpus_per_client=experiment.config.cpus_per_client,
+            gpus_per_client=experiment.config.gpus_per_client, flwr_home=flwr_home, env={"FED_CRASH_NODE_CACHE": str(node_cache)},
+            timeout=experiment.config.timeout, echo=echo,
+        )
+        wall = time.perf_counter() - start
+        shutil.rmtree(node_cache, ignore_errors=True)
+        (folder / "logs" / f"{cell.name}.log").write_text(result.output)
+        statuses[cell.name] = result.status
+        if result.ok:
+            (run_dir / CELL_FILE).write_text(json.dumps({"status": result.status, "run_id": result.run_id, "wall_seconds": wall,
+                                                         "axes": cell.axes, "run_config": cell.run_config}, indent=1))
+            log.info("cell %s: %s in %.0fs", cell.name, result.status, wall)
+        else:
+            log.error("cell %s: %s %s (log: %s)", cell.name, result.status, result.details, folder / "logs" / f"{cell.name}.log")
+    write_summary(experiment)
+    return statuses
+
+
+def _finished(experiment: Experiment) -> list[tuple[Cell, dict, list[dict]]]:
+    out = []
+    for cell in experiment.cells:
+        run_dir = experiment.folder / cell.name
+        if (run_dir / CELL_FILE).is_file():
+            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            out.append((cell, json.loads((run_dir / CELL_FILE).read_text()), history))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def summary_table(experiment: Experiment) -> str:
+    """Markdown: one row per finished cell, with final plug-in loss and accuracy, the round of
+    the lowest plug-in loss, traffic (all rounds, the one-time emulator included) and wall time."""
+    finished = _finished(experiment)
+    private = any("privacy" in h for _, _, history in finished for h in history)
+    head = [*experiment.axes, "final plug-in loss", "final plug-in acc", "best round (loss)", "MB down", "MB up", "wall time"]
+    head += ["epsilon (delta)"] if private else []
+    rows = ["| cell | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for cell, status, history in finished:
+        final = history[-1]["server"]
+        best = min(history, key=lambda h: h["server"]["plugin_loss"])
+        values = [cell.axes[a] for a in experiment.axes] + [
+            f"{final['plugin_loss']:.4f}",
+            f"{final['plugin_acc']:.3f}" if "plugin_acc" in final else "-",
+            f"{best['round']} ({best['server']['plugin_loss']:.4f})",
+            f"{sum(h['bytes_down'] for h in history) / 1e6:.1f}",
+            f"{sum(h['bytes_up'] for h in history) / 1e6:.1f}",
+            _duration(status["wall_seconds"]),
+        ]
+        if private:
+            spent = history[-1].get("privacy")
+            values.append(f"{spent['epsilon']:.2f} ({spent['delta']:g})" if spent else "-")
+        rows.append(f"| {cell.name} | " + " | ".join(values) + " |")
+    return "\n".join(rows)
+
+
+def write_summary(experiment: Experiment) -> Path:
+    """``summary.md`` (table, and the cells not finished), ``loss.png`` (plug-in loss per round,
+    one line per cell) and ``accuracy.png`` (final plug-in accuracy, when an mc-task was set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    folder = experiment.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = _finished(experiment)
+    missing = [cell.name for cell in experiment.cells if cell.name not in {c.name for c, _, _ in finished}]
+    text = [f"# {experiment.config.name}", "", f"{len(finished)} of {len(experiment.cells)} cells finished; "
+            f"{experiment.config.num_supernodes} simulated clients per cell.", "", summary_table(experiment)]
+    if missing:
+        text += ["", "Not finished: " + ", ".join(missing)]
+    if finished:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for cell, _, history in finished:
+            ax.plot([h["round"] for h in history], [h["server"]["plugin_loss"] for h in history], "o-", label=cell.name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel("plug-in loss (held-out)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(folder / "loss.png", dpi=110)
+        plt.close(fig)
+        text += ["", "![plug-in loss per round](loss.png)"]
+        accuracy = [(cell.name, history[-1]["server"]["plugin_acc"]) for cell, _, history in finished if "plugin_acc" in history[-1]["server"]]
+        if accuracy:
+            fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(accuracy)), 4.5))
+            ax.bar(range(len(accuracy)), [a for _, a in accuracy])
+            ax.set_xticks(range(len(accuracy)), [n for n, _ in accuracy], rotation=45, ha="right", fontsize="small")
+            ax.set_ylabel("final plug-in accuracy")
+            fig.tight_layout()
+            fig.savefig(folder / "accuracy.png", dpi=110)
+            plt.close(fig)
+            text += ["", "![final plug-in accuracy](accuracy.png)"]
+    (folder / "summary.md").write_text("\n".join(text) + "\n")
+    return folder / "summary.md"

@@ -1,0 +1,79 @@
+"""Central differential privacy with client-side fixed clipping, and the privacy it spends.
+
+Flower's :class:`DifferentialPrivacyClientSideFixedClipping` sends the clipping norm to the
+clients (``clipping_norm`` in the train config; the client clips its adapter update, see
+:func:`fed_crash.federated.clip_update`) and adds Gaussian noise with standard deviation
+``noise_multiplier * clipping_norm / sampled clients`` to the aggregate. Two things are added
+here:
+
+* the number of sampled clients is the round's real sample, set when the round is configured
+  (Flower's wrapper takes it at construction, but in a simulation the node count is known only
+  once nodes connect), and a round whose replies are fewer than that is not released, since the
+  noise would be too small for the mean over fewer updates;
+* privacy accounting per round: Flower's built-in accountant option only allows the
+  no-amplification model, while nodes here are sampled uniformly without replacement, so the
+  round is composed as a sampled Gaussian mechanism (sample / connected nodes) in Flower's RDP
+  accountant (Google's ``dp-accounting``), and the epsilon spent at ``delta`` is kept per round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    PrivacySpent,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+log = logging.getLogger(__name__)
+
+UNIT_WEIGHT_KEY = "unit-weight"  # metric (always 1) a clipping client reports: the DP mean is unweighted
+
+
+class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper with the round's real sample size and
+    per-round accounting (:attr:`spent`, by round)."""
+
+    def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float, delta: float) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients=1)  # set per round
+        self.delta = delta
+        self.spent: dict[int, PrivacySpent] = {}
+        self._accountant: RdpAccountant | None = None
+        self._events: dict[int, GaussianPrivacyEvent] = {}
+        # dp-accounting warns through absl for every RDP order it drops while converging
+        logging.getLogger("absl").setLevel(logging.ERROR)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if messages:
+            population = len(list(grid.get_node_ids()))
+            if self._accountant is None:
+                self._accountant = RdpAccountant(PrivacyConfig(
+                    target_delta=self.delta, population_size=population,
+                    neighboring_relation=NeighboringRelation.REPLACE_ONE, sampling_method=SamplingMethod.WITHOUT_REPLACEMENT,
+                ))
+            self.num_sampled_clients = len(messages)
+            self._events[server_round] = GaussianPrivacyEvent(self.noise_multiplier, len(messages), self._accountant.config.population_size)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        event = self._events.pop(server_round, None)
+        answered = sum(not reply.has_error() for reply in replies)
+        if answered != self.num_sampled_clients:
+            log.warning("round %d: %d of %d sampled clients answered; no release this round (the noise is calibrated to all of them)",
+                        server_round, answered, self.num_sampled_clients)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and event is not None and self._accountant is not None:
+            self._accountant.compose(event)
+            self.spent[server_round] = self._accountant.get_privacy_spent()
+        return arrays, metrics
