@@ -139,9 +139,9 @@ def plot_clusters(
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for layer in adapters:
         ax.axvspan(layer - 0.5, layer + 0.5, color="0.85", lw=0)
-    colors = plt.get_cmap("tab10")
+    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # tab10's grey would read as an adapter
     for i, cluster in enumerate(clusters):
-        ax.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color=colors(i % 10), alpha=0.25, lw=0)
+        ax.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color=colors[i % len(colors)], alpha=0.25, lw=0)
         ax.text((cluster[0] + cluster[-1]) / 2, 1.005, str(i), ha="center", va="bottom", fontsize=7)
     adjacent = [float(matrix[i, i + 1]) for i in range(n - 1)]
     ax.plot([i + 0.5 for i in range(n - 1)], adjacent, color="black", marker=".", lw=1, label="CKA(l, l+1)")

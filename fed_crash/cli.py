@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--emulator", required=True, help="emulator folder the adapters were tuned on (from 'emulator build' or 'tune')")
     report.add_argument("--adapters", required=True, help="tuned adapters .safetensors")
     report.add_argument("--out", required=True, help="output folder for report.json and report.md")
+    report.add_argument("--full-from", default=None, help="reuse the full zero-shot scores of an earlier report.json (same model, tasks, sample and held-out rows), e.g. when comparing emulators")
 
     land = sub.add_parser("landscape", help="held-out loss along the straight line between two adapter sets plugged into the full model",
                           description="CRaSh's 1-D loss landscape: plug (1 - t) A + t B into the full model for evenly spaced t and measure held-out loss; write landscape.png and landscape.json.")
@@ -178,7 +179,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     tasks, data, cfg = _eval_inputs(args)
     report = four_model_report(args.model, args.emulator, args.adapters, tasks, data, cfg, args.out, cache_dir=args.cache_dir,
-                               device=args.device, progress=not args.no_progress)
+                               device=args.device, progress=not args.no_progress, full_from=args.full_from)
     print(markdown_table(report["models"]))
     print(f"wrote {Path(args.out) / 'report.json'} and report.md")
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import ArtifactError, load_adapters, load_emulator
-from .config import DataConfig, EvalConfig
+from .config import DataConfig, EvalConfig, to_dict
 from .data import format_prompt, load_instructions, pad_id, split_rows, tokenize
 from .emulator import check_adapters, plug_in
 from .mc import HUB_TASKS, Fields, McTask, load_task, score_mc, supports_prefix_cache
@@ -133,11 +133,13 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def four_model_report(
     model_source: str, emulator_folder: str | Path, adapters: str | Path, tasks: Sequence[McTask], data: DataConfig, cfg: EvalConfig,
-    out: str | Path, *, cache_dir: str | None = None, device: str | None = None, progress: bool = True,
+    out: str | Path, *, cache_dir: str | None = None, device: str | None = None, progress: bool = True, full_from: str | Path | None = None,
 ) -> dict:
     """Full zero-shot, emulator zero-shot (its initial adapters), emulator fine-tuned (``adapters``)
     and plug-in (``adapters`` in the full model), on the same tasks and held-out rows.
-    Writes ``report.json`` and ``report.md`` to ``out``."""
+    ``full_from``: an earlier ``report.json`` of the same model, tasks and held-out rows whose
+    full zero-shot scores are reused (they do not depend on the emulator; comparing emulators
+    then costs three evaluations each, not four). Writes ``report.json`` and ``report.md`` to ``out``."""
     out = Path(out)
     start = time.perf_counter()
     loaded = load_model(model_source, cache_dir=cache_dir, device=device)
@@ -152,7 +154,15 @@ def four_model_report(
     def run(name: str, model) -> None:
         results[name] = evaluate_model(model, loaded.tokenizer, tasks, instruct, data, cfg, out=out, name=name, progress=progress)
 
-    run("full_zero_shot", loaded.model)
+    task_info = {t.name: {"source": t.source, "n": len(t.rows)} for t in tasks}
+    if full_from:
+        earlier = json.loads(Path(full_from).read_text())
+        same = (earlier["model"], earlier["tasks"], earlier["instruct_examples"]) == (loaded.model_id, task_info, len(instruct))
+        if not same or earlier.get("config", _config(data, cfg)) != _config(data, cfg):  # older reports do not record it
+            raise ArtifactError(f"{full_from} scored another model, task sample or held-out set; its full zero-shot scores cannot be reused")
+        results["full_zero_shot"] = earlier["models"]["full_zero_shot"]
+    else:
+        run("full_zero_shot", loaded.model)
     run("emulator_zero_shot", emulator.model)
     emulator.load_adapters(tuned)
     run("emulator_fine_tuned", emulator.model)
@@ -160,13 +170,18 @@ def four_model_report(
     run("plug_in", loaded.model)
     report = {
         "models": results, "model": loaded.model_id, "emulator": str(emulator_folder), "adapters": str(adapters),
-        "spec": manifest["spec"], "tasks": {t.name: {"source": t.source, "n": len(t.rows)} for t in tasks},
-        "instruct_examples": len(instruct), "seconds": time.perf_counter() - start,
+        "spec": manifest["spec"], "tasks": task_info, "instruct_examples": len(instruct), "config": _config(data, cfg),
+        "full_from": str(full_from) if full_from else None, "seconds": time.perf_counter() - start,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown_table(results) + "\n")
     return report
+
+
+def _config(data: DataConfig, cfg: EvalConfig) -> dict:
+    """What decides the scores besides the model: the sample, the held-out rows, the lengths."""
+    return {"data": to_dict(data), "eval": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"}}
 
 
 @torch.no_grad()

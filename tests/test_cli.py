@@ -55,6 +55,19 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
     assert "| plug_in |" in result.stdout and (tmp_path / "report" / "report.md").is_file()
     assert len((tmp_path / "report" / "generations-plug_in.jsonl").read_text().splitlines()) == 2
 
+    # comparing emulators: the full model's scores are reused, and only for the same tasks and rows
+    again = fed_crash("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
+                      "--task", mc, "--data", data_file, "--instruct-examples", "8", "--generate", "2", "--max-new-tokens", "3",
+                      "--out", tmp_path / "report2", "--full-from", tmp_path / "report" / "report.json", "--no-progress")
+    def scores(models):
+        return {m: {t: {k: v for k, v in r.items() if k != "seconds"} for t, r in {**s["tasks"], "instruct": s["instruct"]}.items()} for m, s in models.items()}
+
+    reused = json.loads((tmp_path / "report2" / "report.json").read_text())["models"]
+    assert reused["full_zero_shot"] == table["full_zero_shot"] and scores(reused) == scores(table) and "| plug_in |" in again.stdout
+    other = fed_crash("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
+                      "--task", mc, "--limit", "3", "--out", tmp_path / "report3", "--full-from", tmp_path / "report" / "report.json", check=False)
+    assert other.returncode == 2 and "full zero-shot scores cannot be reused" in other.stderr
+
     single = fed_crash("eval", "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors", "--task", mc,
                        "--out", tmp_path / "eval", "--no-progress")
     scores = json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"]["mc"]
