@@ -9,6 +9,7 @@ ROUGE-L of greedy answers to held-out instructions.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -50,11 +51,17 @@ def held_out_rows(data: DataConfig, n: int) -> list[dict[str, str]]:
     return split_rows(load_instructions(data.data, skip_malformed=data.skip_malformed), {"eval": n}, seed=data.seed)["eval"]
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (Google's ``rouge_score``, Porter stemming)."""
+@functools.cache
+def _rouge_scorer():
+    """One scorer per process: building it loads the stemmer and tokenizer."""
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (Google's ``rouge_score``, Porter stemming)."""
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 @torch.no_grad()
