@@ -154,3 +154,24 @@ def test_real_eval_files_load(tmp_path):
 
     for name, n in (("arc_easy", 2376), ("arc_challenge", 1172), ("openbook_qa", 500), ("piqa", 1838)):
         assert len(load_task(SHARED_DATA / "eval" / f"{name}.jsonl").rows) == n
+
+
+def test_batch_plan_keeps_questions_whole_and_pads_least():
+    """PIQA-like questions (short contexts, long choices of varied length) are grouped by their
+    choices, ARC-like ones (long contexts, short choices) by their contexts; every question lands
+    in exactly one batch, whole."""
+    from fed_crash.mc import _padded_tokens, plan_batches
+
+    piqa = [([1] * (3 + i % 2), [[2] * (5 + i % 7), [2] * (20 - i % 11)]) for i in range(30)]
+    arc = [([1] * (40 + (i * 7) % 30), [[2] * (1 + i % 2)] * 4) for i in range(30)]
+    for encoded in (piqa, arc):
+        for cached in (True, False):
+            groups = plan_batches(encoded, 8, cached=cached)
+            assert sorted(i for g in groups for i in g) == list(range(30))
+            assert all(sum(len(encoded[i][1]) for i in g) <= 8 for g in groups)
+    by_context = [sorted(range(30), key=lambda i: -len(piqa[i][0]))[k:k + 4] for k in range(0, 30, 4)]
+    assert _padded_tokens(piqa, plan_batches(piqa, 8, cached=True), True) < _padded_tokens(piqa, by_context, True)
+    # hand count: one question, context 3 tokens, choices of 2 and 4 tokens
+    one = [([1] * 3, [[2] * 2, [2] * 4])]
+    assert _padded_tokens(one, [[0]], True) == 3 + 2 * 3  # context once, continuations minus their last token
+    assert _padded_tokens(one, [[0]], False) == 2 * 7
