@@ -1,63 +1,68 @@
-"""Cold GGUF load (de-quantize every tensor) against the cached safetensors load.
+"""Model load: cold GGUF load (de-quantize every tensor, write the safetensors cache) against
+the cached load (read the safetensors cache).
 
-Each load runs in a fresh Python process, so nothing is shared through memory; the cold load
-uses an empty cache folder and writes the cache that the next (cached) loads read.
+Each load runs in a fresh process, so nothing is shared through memory (interpreter and
+library imports are excluded from the timing); per repeat the cold load starts from an empty
+cache folder and writes the cache that the cached load of the same repeat reads. Both loads'
+logits on a fixed input are compared. The figure is the median over repeats of cold / cached.
 
     python benchmarks/model_load.py --repeats 3
+
+Goal: the cached load at least 5x faster.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
-PROBE = """
-import sys, time, torch
-from fed_crash.models import load_model
-t = time.perf_counter()
-loaded = load_model(sys.argv[1], cache_dir=sys.argv[2])
-seconds = time.perf_counter() - t
-ids = torch.tensor([[1, 2, 3, 4]])
-print(seconds, float(loaded.model(ids).logits.double().sum()))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+GOAL = 5.0
 
 
-def load_once(model: str, cache: str) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", PROBE, model, cache], check=True, capture_output=True, text=True).stdout.split()
-    return float(out[-2]), float(out[-1])
+def child(payload: dict) -> None:
+    """One load from ``payload['cache']`` (runs in a fresh process)."""
+    import torch
+
+    from fed_crash.models import load_model
+
+    start = time.perf_counter()
+    loaded = load_model(payload["model"], cache_dir=payload["cache"])
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        logits = float(loaded.model(torch.tensor([[1, 2, 3, 4]])).logits.double().sum())
+    common.emit({"seconds": seconds, "logits": logits, "peak_mib": common.peak_rss_mib()})
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="model source to load (default: the embedded SmolLM2 GGUF)")
-    parser.add_argument("--repeats", type=int, default=3, help="cold/cached pairs to time (default: 3)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args()
-    cold, cached, same_logits = [], [], True
-    for _ in range(args.repeats):
+    p = common.parser(__doc__, "model_load")
+    p.add_argument("--model", default="smollm2", help="model source to load (default: the embedded SmolLM2 GGUF)")
+    args = p.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    repeats = []
+    for r in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
-            c, logits_cold = load_once(args.model, cache)
-            w, logits_cached = load_once(args.model, cache)
-        cold.append(c)
-        cached.append(w)
-        same_logits &= logits_cold == logits_cached
-    result = {
-        "model": args.model, "repeats": args.repeats,
-        "cold_s_median": statistics.median(cold), "cached_s_median": statistics.median(cached),
-        "speedup": statistics.median(cold) / statistics.median(cached), "identical_logits": same_logits,
-        "cold_s": cold, "cached_s": cached,
-    }
-    print(f"{'load':<8} {'median s':>9}  runs")
-    print(f"{'cold':<8} {result['cold_s_median']:>9.2f}  {', '.join(f'{x:.2f}' for x in cold)}")
-    print(f"{'cached':<8} {result['cached_s_median']:>9.2f}  {', '.join(f'{x:.2f}' for x in cached)}")
-    print(f"speed-up {result['speedup']:.1f}x, identical logits: {same_logits}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+            cold = common.run_child(__file__, {"model": args.model, "cache": cache})
+            cached = common.run_child(__file__, {"model": args.model, "cache": cache})
+        repeats.append({"cold_s": cold["seconds"], "cached_s": cached["seconds"], "ratio": cold["seconds"] / cached["seconds"],
+                        "identical_logits": cold["logits"] == cached["logits"], "cold_peak_mib": cold["peak_mib"], "cached_peak_mib": cached["peak_mib"]})
+        print(f"repeat {r + 1}: cold {cold['seconds']:.2f} s, cached {cached['seconds']:.2f} s", flush=True)
+    ratio = common.median(x["ratio"] for x in repeats)
+    identical = all(x["identical_logits"] for x in repeats)
+    rows = [(i + 1, f"{x['cold_s']:.2f}", f"{x['cached_s']:.2f}", f"{x['ratio']:.1f}x", f"{x['cold_peak_mib']:.0f}", f"{x['cached_peak_mib']:.0f}")
+            for i, x in enumerate(repeats)]
+    rows.append(("median", f"{common.median(x['cold_s'] for x in repeats):.2f}", f"{common.median(x['cached_s'] for x in repeats):.2f}", f"**{ratio:.1f}x**",
+                 f"{common.median(x['cold_peak_mib'] for x in repeats):.0f}", f"{common.median(x['cached_peak_mib'] for x in repeats):.0f}"))
+    text = common.table(["repeat", "cold: de-quantize GGUF, write cache (s)", "cached: read safetensors (s)", "cold / cached", "cold peak RSS (MiB)",
+                         "cached peak RSS (MiB)"], rows)
+    text += f"\n\nIdentical logits: {identical}. Goal: cached at least {GOAL:.0f}x faster: {'met' if ratio >= GOAL else 'NOT met'} ({ratio:.1f}x)."
+    common.finish(args, "model_load", {"ratio": ratio, "goal": GOAL, "met": ratio >= GOAL, "identical_logits": identical, "repeats_detail": repeats}, text)
 
 
 if __name__ == "__main__":

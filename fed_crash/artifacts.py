@@ -11,8 +11,10 @@ An emulator folder holds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -33,6 +35,58 @@ ADAPTERS = "adapters.safetensors"
 
 class ArtifactError(FedCrashError):
     """A missing, corrupted or mismatched artifact file."""
+
+
+class PrivacyError(ArtifactError):
+    """Something about to leave the model owner that offsite-tuning keeps private: a removed
+    layer's weights, a full-model checkpoint, or a file that is not plain data."""
+
+
+# What an emulator folder may send besides its tensors: the manifest, the model config and
+# tokenizer files. Anything else (model.safetensors, pytorch_model.bin, *.pt ...) is refused.
+PAYLOAD_SUFFIXES = (".json", ".txt", ".jinja", ".model")
+
+
+def content_hash(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes, whatever it is called."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_payload_files(names: Iterable[str]) -> None:
+    """Every file a node receives is a plain file name with a data suffix (no path, no weights)."""
+    for name in names:
+        if Path(name).name != name or not name.endswith(PAYLOAD_SUFFIXES):
+            raise PrivacyError(f"emulator payload file {name!r}: only plain {'/'.join(PAYLOAD_SUFFIXES)} files travel with an emulator")
+
+
+def check_cut(spec: EmulatorSpec) -> None:
+    """An emulator must leave out at least one middle layer, or clients receive the full model."""
+    if not spec.removed:
+        raise PrivacyError(f"the emulator keeps all {len(spec.middle)} middle layers: clients would receive the full model")
+
+
+def check_private(weights: dict[str, torch.Tensor], files: Iterable[str], model: PreTrainedModel, spec: EmulatorSpec) -> None:
+    """Offsite-tuning's promise, checked on everything an emulator payload holds before it is
+    sent: tensors only under the keys the spec's emulator uses (no removed layer, no adapter),
+    no tensor whose content equals a removed layer's (a renamed copy), at least one removed
+    layer (else the emulator is the full model), and only data files (:func:`check_payload_files`)."""
+    check_cut(spec)
+    cut = emulator_state(model, spec)
+    stray = sorted(set(weights) - set(cut))
+    if stray:
+        raise PrivacyError(f"emulator tensor {stray[0]!r} is not part of the emulator (kept layers {list(spec.kept)}): it would leak a removed or adapter layer")
+    prefix = layer_path(model)
+    shared = {content_hash(t) for t in cut.values()}  # contents the emulator legitimately holds (e.g. identical norm weights)
+    private = {h: k for k, t in model.state_dict().items()
+               if k.startswith(f"{prefix}.") and int(k[len(prefix) + 1:].split(".")[0]) in spec.removed and (h := content_hash(t)) not in shared}
+    for key, tensor in weights.items():
+        leaked = private.get(content_hash(tensor))
+        if leaked:
+            raise PrivacyError(f"emulator tensor {key!r} holds the weights of removed layer tensor {leaked!r}")
+    check_payload_files(files)
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

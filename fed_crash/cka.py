@@ -46,17 +46,26 @@ def cka_matrix(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return gram_inner / torch.outer(norms, norms)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: Pooling = "mean", skip_first: int = 0) -> torch.Tensor:
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: Pooling = "mean", skip_first: int = 0, outlier: float = 0.0) -> torch.Tensor:
     """One vector per sample from (batch, seq, hidden) states over the positions in ``mask``.
 
     ``mean``: masked mean; ``last``: the last real token; ``weighted``: mean weighted by
     position (1, 2, ..., T), which favours later tokens that have seen more context.
-    ``skip_first`` drops the first positions of every sample from the pool: the first token
-    is often an attention sink with a huge activation that dominates the mean.
+    Attention sinks: the first token of a sample often carries one huge activation (on
+    SmolLM2 a norm ~100x the others') that dominates the mean, so the pool measures little but
+    sample length. ``skip_first`` leaves the first positions of every sample out;
+    ``outlier`` > 0 also leaves out any position whose state norm exceeds ``outlier`` times the
+    median norm of the sample's remaining positions.
     """
     mask = mask.to(hidden.dtype).clone()
     if skip_first:
-        mask[:, :skip_first] = 0
+        first = mask.argmax(1)  # first real position (left or right padding)
+        for offset in range(skip_first):
+            mask[torch.arange(mask.shape[0]), (first + offset).clamp(max=mask.shape[1] - 1)] = 0
+    if outlier:
+        norms = hidden.norm(dim=-1).masked_fill(mask == 0, float("nan"))
+        median = norms.nanmedian(dim=1, keepdim=True).values
+        mask = mask * ~(norms > outlier * median)
     if how == "last":
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
         return hidden[torch.arange(hidden.shape[0]), last]
@@ -74,12 +83,16 @@ def layer_features(
     *,
     pooling: Pooling = "mean",
     skip_first: int = 0,
+    outlier: float = 0.0,
     progress: bool = True,
 ) -> list[torch.Tensor]:
     """Pooled output of every decoder layer (embedding output excluded), one (samples, hidden)
     float32 CPU matrix per layer. Read with forward hooks so that no architecture's own
-    ``hidden_states`` conventions (e.g. the final norm folded into the last entry) leak in."""
+    ``hidden_states`` conventions (e.g. the final norm folded into the last entry) leak in.
+    The forward runs through the decoder only: the LM head (a third of SmolLM2's forward cost)
+    produces nothing CKA needs, so CRaSh's clustering costs little more than one forward pass."""
     layers = get_layers(model)
+    decoder = getattr(model, "base_model", model)
     device = next(model.parameters()).device
     pooled: list[list[torch.Tensor]] = [[] for _ in layers]
     current: dict[str, torch.Tensor] = {}
@@ -87,7 +100,7 @@ def layer_features(
     def hook(index: int):
         def save(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            pooled[index].append(pool(hidden.float(), current["mask"], pooling, skip_first).cpu())
+            pooled[index].append(pool(hidden.float(), current["mask"], pooling, skip_first, outlier).cpu())
 
         return save
 
@@ -95,7 +108,7 @@ def layer_features(
     try:
         for batch in tqdm(list(batches), desc="layer features", disable=not progress):
             current["mask"] = batch["attention_mask"].to(device)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False)
+            decoder(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import config as C
 from .errors import FedCrashError
+from .compare import METHODS as COMPARE_METHODS
 from .mc import HUB_TASKS as HUB_TASK_NAMES
 from .models import DEFAULT_MODEL
 
@@ -44,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = emu.add_parser("inspect", help="list what an emulator folder holds and check it against its manifest",
                              description="Print the layer map and the decoder layers stored in emulator.safetensors and adapters.safetensors; fail if a removed layer is stored or the content hash does not match.")
     inspect.add_argument("folder", help="emulator folder (as written by 'emulator build' or 'tune')")
+
+    compare = emu.add_parser("compare", help="zero-shot loss of uniform, CRaSh (sink-aware and as published) and search emulators per budget; optional plug-in after tuning",
+                             description="For each budget (kept middle layers), sharing on/off and method, build the emulator, report its build time and zero-shot held-out loss, and at --tune-budget offsite-tune it for --steps and report the plug-in loss. Writes compare.json, compare.md and compare.png to --out.")
+    _common(compare)
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--budgets", type=int, nargs="+", default=[10, 14, 18], help="kept middle layers to compare (default: 10 14 18)")
+    compare.add_argument("--methods", nargs="+", default=list(COMPARE_METHODS), choices=COMPARE_METHODS, help="methods (default: all)")
+    compare.add_argument("--share", nargs="+", default=["off", "on"], choices=("off", "on"), help="sharing settings to compare (default: off on)")
+    compare.add_argument("--compare-eval-examples", type=int, default=200, help="held-out rows the losses are measured on")
+    compare.add_argument("--tune-budget", type=int, default=0, help="also offsite-tune every method at this budget for --steps and report the plug-in loss (0 = off)")
+    compare.add_argument("--tune-share", nargs="+", default=["off", "on"], choices=("off", "on"), help="sharing settings tuned at --tune-budget (default: off on)")
+    compare.add_argument("--train-examples", type=int, default=2000, help="training rows for --tune-budget")
+    C.add_arguments(compare, C.DataConfig)
+    C.add_arguments(compare, C.EmulatorConfig, skip=("method", "keep", "keep_ratio", "share"))
+    C.add_arguments(compare, C.TrainConfig, skip=("seed",))
 
     tune = sub.add_parser("tune", help="local offsite-tuning with the four-model report",
                           description="Build an emulator, train its adapters on instruction data, plug them into the full model, and report held-out loss/perplexity of full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in.")
@@ -253,17 +269,32 @@ def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.E
 def cmd_emulator_build(args: argparse.Namespace) -> None:
     from .artifacts import save_emulator
     from .models import load_model
-    from .pipeline import calibration_rows, plan_emulator
+    from .pipeline import calibration_rows, needs_calibration, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
-    calibration = calibration_rows(data.data, data, emu.calib_samples) if emu.method == "crash" else []
+    calibration = calibration_rows(data.data, data, emu.calib_samples) if needs_calibration(emu) else []
     spec, similarity = plan_emulator(loaded.model, loaded.tokenizer, calibration, data, emu, progress=not args.no_progress)
     out = save_emulator(args.out, loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
     print(spec.describe())
     if spec.clusters:
         print("clusters: " + " ".join("[" + ",".join(map(str, c)) + "]" for c in spec.clusters))
     print(f"wrote {out}")
+
+
+def cmd_emulator_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_emulators, markdown
+
+    train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
+    emu = C.from_args(C.EmulatorConfig, args)
+    rows = compare_emulators(
+        args.model, C.from_args(C.DataConfig, args), emu, train, budgets=args.budgets, methods=args.methods,
+        shares=[s == "on" for s in args.share], eval_examples=args.compare_eval_examples, tune_budget=args.tune_budget,
+        tune_shares=[s == "on" for s in args.tune_share],
+        train_examples=args.train_examples, out_dir=args.out, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+    )
+    print(markdown(rows, json.loads((Path(args.out) / "compare.json").read_text())["full_loss"]))
+    print(f"wrote {Path(args.out) / 'compare.md'}, compare.json and compare.png")
 
 
 def cmd_emulator_inspect(args: argparse.Namespace) -> None:
@@ -359,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "emulator":
-        handler = cmd_emulator_build if args.emulator_command == "build" else cmd_emulator_inspect
+        handler = {"build": cmd_emulator_build, "inspect": cmd_emulator_inspect, "compare": cmd_emulator_compare}[args.emulator_command]
     else:
         handler = COMMANDS[args.command]
     try:

@@ -21,6 +21,8 @@ class ConfigError(FedCrashError):
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A config field: default, help text, and optional ``choices`` and inclusive ``min`` / ``max``
+    bounds, which :func:`from_mapping` enforces so a bad value fails before anything runs."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -30,12 +32,12 @@ class DataConfig:
     template: str = opt("alpaca", "prompt template: 'alpaca' or the model's 'chat' template", choices=("alpaca", "chat"))
     max_length: int = opt(256, "truncate each example to this many tokens")
     skip_malformed: bool = opt(False, "skip and count malformed rows instead of failing on the first one")
-    seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices")
+    seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices (in federated runs also of the node sampling and the server's random generators)")
 
 
 @dataclass
 class EmulatorConfig:
-    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT) or 'crash' (CKA clusters)", choices=("uniform", "crash"))
+    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model)", choices=("uniform", "crash", "search"))
     bottom: int = opt(2, "adapter layers at the bottom (trained by data owners)")
     top: int = opt(2, "adapter layers at the top (trained by data owners)")
     keep: int = opt(0, "middle layers to keep; 0 means use --keep-ratio")
@@ -44,7 +46,11 @@ class EmulatorConfig:
     edge_fill: str = opt("nearest", "fill removed positions next to an adapter with the 'nearest' kept layer or a frozen copy of the 'adapter'", choices=("nearest", "adapter"))
     calib_samples: int = opt(512, "calibration samples for CRaSh's CKA (formatted like training data)")
     pooling: str = opt("mean", "how a layer's token states become one vector per sample", choices=("mean", "last", "weighted"))
-    skip_first: int = opt(0, "leave the first N tokens out of pooling (1 removes the attention-sink token)")
+    skip_first: int = opt(1, "leave the first N tokens out of CKA pooling (1, the default, removes the attention-sink token; 0 is CRaSh as published)")
+    outlier_norm: float = opt(0.0, "also leave out of CKA pooling any position whose state norm exceeds this multiple of the sample's median (0 = off)")
+    divergence: str = opt("kl", "search: what it minimises on the calibration responses, KL(full || emulator) of next-token distributions or normalised 'mse' of the last hidden state", choices=("kl", "mse"))
+    search_samples: int = opt(32, "search: calibration samples (the first of calib-samples) the divergence is measured on")
+    search_evaluations: int = opt(150, "search: cap on divergence evaluations (each runs the emulator over search-samples from the first changed layer)")
     calib_batch_size: int = opt(8, "batch size of the calibration forward passes")
 
 
@@ -84,7 +90,7 @@ class EvalConfig:
 class FederationConfig:
     model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
     cache_dir: str = opt("", "model cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
-    num_server_rounds: int = opt(3, "federated rounds")
+    num_server_rounds: int = opt(3, "federated rounds", min=1)
     strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum")
     proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss")
     fedbiot_lambda: float = opt(0.0, "FedBiOT-style regulariser (any strategy): clients add lambda * ||adapters - round-start adapters||^2 to their loss (0 = off)")
@@ -101,16 +107,16 @@ class FederationConfig:
     dp_clipping_norm: float = opt(0.0, "differential privacy: clients clip their adapter update to this L2 norm and the server adds Gaussian noise to the mean (0 = off; fedavg or fedprox only)")
     dp_noise_multiplier: float = opt(1.0, "differential privacy: noise standard deviation as a multiple of the clipping norm (divided by the sampled clients)")
     dp_delta: float = opt(1e-5, "differential privacy: the delta at which the spent epsilon is reported each round")
-    fraction_train: float = opt(1.0, "fraction of connected nodes sampled for training each round")
-    min_train_nodes: int = opt(2, "sample at least this many nodes each round")
-    min_available_nodes: int = opt(2, "wait until this many nodes are connected before a round starts")
-    round_timeout: float = opt(3600.0, "seconds to wait for replies in a round")
+    fraction_train: float = opt(1.0, "fraction of connected nodes sampled for training each round", min=0.0, max=1.0)
+    min_train_nodes: int = opt(2, "sample at least this many nodes each round", min=1)
+    min_available_nodes: int = opt(2, "wait until this many nodes are connected before the first round starts", min=1)
+    round_timeout: float = opt(3600.0, "seconds to wait for replies in a round; a client that has not answered by then counts as timed out", min=1.0)
     partitioner: str = opt("iid", "how client shards are drawn: 'iid', 'dirichlet' or 'pathological'", choices=("iid", "dirichlet", "pathological"))
     partition_by: str = opt("first-word", "derived label for non-IID splits: the instruction's 'first-word' (its verb, top 16 else 'other') or the response 'length' bucket (quartiles)", choices=("first-word", "length"))
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed label mix per client)")
     classes_per_partition: int = opt(2, "labels per client for the pathological partitioner")
-    max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)")
-    eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss")
+    max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)", min=0)
+    eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss", min=1)
     calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
     eval_batch_size: int = opt(8, "batch size of server-side evaluation")
     mc_task: str = opt("", "multiple-choice task for per-round plug-in accuracy: a {query, choices, gold} JSONL or a hub task name such as 'arc_easy' ('' = off)")
@@ -119,6 +125,26 @@ class FederationConfig:
     results_dir: str = opt("results", "folder that holds one sub-folder per run")
     save_model: bool = opt(True, "save the final plug-in model (safetensors) in the run folder")
     progress: bool = opt(False, "progress bars in server and client logs")
+    min_replies: int = opt(1, "aggregate a round only if at least this many valid updates arrived (after errors, timeouts, dropouts and rejected replies); otherwise the round keeps the previous adapters", min=1)
+    max_update_norm: float = opt(0.0, "reject a reply whose adapter update (reply minus round start, all tensors as one vector) has an L2 norm above this (0 = no bound)", min=0.0)
+    resume: bool = opt(False, "continue results-dir/run-name/ from its last checkpoint (same run config; num-server-rounds may grow) instead of starting a new run")
+
+
+@dataclass
+class FaultConfig:
+    """Injected faults (run-config section ``faults.*``), to see how a federation copes with
+    failing clients. Which client fails how in which round follows from ``seed`` alone (see
+    :mod:`fed_crash.faults`), so a rerun or a resumed run meets the same faults."""
+
+    seed: int = opt(0, "seed of the fault draws (independent of the data and training seeds)")
+    crash_rate: float = opt(0.0, "probability that a sampled client raises an error halfway through its local training", min=0.0, max=1.0)
+    timeout_rate: float = opt(0.0, "probability that a sampled client stalls for round-timeout + 5 s before training, so its reply comes too late", min=0.0, max=1.0)
+    dropout_rate: float = opt(0.0, "probability that a client goes offline at a round; it stays offline for dropout-rounds rounds and is sent nothing meanwhile", min=0.0, max=1.0)
+    dropout_rounds: int = opt(1, "rounds a dropped-out client stays offline", min=1)
+    bad_update_rate: float = opt(0.0, "probability that a sampled client replies with a bad update (see bad-update)", min=0.0, max=1.0)
+    bad_update: str = opt("garbage", "what a bad update is: 'garbage' (round-start adapters + bad-update-scale * Gaussian noise), 'nan', 'inf', 'shape', 'dtype', 'missing-key' or 'extra-key'",
+                          choices=("garbage", "nan", "inf", "shape", "dtype", "missing-key", "extra-key"))
+    bad_update_scale: float = opt(100.0, "standard deviation of the 'garbage' noise", min=0.0)
 
 
 @dataclass
@@ -143,35 +169,49 @@ class RunConfig:
     data: DataConfig
     emulator: EmulatorConfig
     train: TrainConfig
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict:
-        return {"fed": to_dict(self.fed), "data": to_dict(self.data), "emulator": to_dict(self.emulator), "train": to_dict(self.train)}
+        return {name: to_dict(getattr(self, name)) for name in ("fed", "data", "emulator", "train", "faults")}
+
+
+SECTIONS: dict[str, type] = {"emulator": EmulatorConfig, "train": TrainConfig, "faults": FaultConfig}  # dotted run-config keys
+
+
+def run_config_keys() -> list[str]:
+    """Every run-config key, as written in a run config: top-level and ``section.key``."""
+    top = [f.name for cls in (FederationConfig, DataConfig) for f in dataclasses.fields(cls)]
+    dotted = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return sorted(name.replace("_", "-") for name in top + dotted)
+
+
+def unknown_key(key: str, known: list[str], where: str = "run config") -> ConfigError:
+    """The error for an unknown key, with the closest known keys (a typo, or a key in the wrong section)."""
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=3)
+    return ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""))
 
 
 def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
     """Split a flat run config into its sections, each checked by :func:`from_mapping`."""
     top_fields = {f.name for f in dataclasses.fields(FederationConfig)}
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    parts: dict[str, dict[str, Any]] = {"fed": {}, "data": {}, "emulator": {}, "train": {}}
+    parts: dict[str, dict[str, Any]] = {"fed": {}, "data": {}, **{section: {} for section in SECTIONS}}
     for key, value in values.items():
         section, dot, name = key.partition(".")
         if dot:
-            if section not in ("emulator", "train"):
-                raise ConfigError(f"run config: unknown section {section!r} in key {key!r}; sections are 'emulator' and 'train'")
+            if section not in SECTIONS:
+                raise ConfigError(f"run config: unknown section {section!r} in key {key!r}; sections are {', '.join(map(repr, SECTIONS))}")
             parts[section][name] = value
         elif key.replace("-", "_") in data_fields:
             parts["data"][key] = value
         elif key.replace("-", "_") in top_fields:
             parts["fed"][key] = value
         else:
-            known = [n.replace("_", "-") for n in sorted(top_fields | data_fields)]
-            close = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"run config: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            raise unknown_key(key, run_config_keys())
     cfg = RunConfig(
         from_mapping(FederationConfig, parts["fed"], where="run config"),
         from_mapping(DataConfig, parts["data"], where="run config"),
-        from_mapping(EmulatorConfig, parts["emulator"], where="run config [emulator]"),
-        from_mapping(TrainConfig, parts["train"], where="run config [train]"),
+        *(from_mapping(cls, parts[section], where=f"run config [{section}]") for section, cls in SECTIONS.items()),
     )
     if cfg.train.lora_rank > 0 and (cfg.fed.fedbiot_lambda > 0 or (cfg.fed.strategy.lower() == "fedprox" and cfg.fed.proximal_mu > 0)):
         # with LoRA the adapter weights are frozen and the term would be a constant: no effect
@@ -205,15 +245,13 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
 
 def from_mapping(cls: type, values: Mapping[str, Any], *, where: str = "config") -> Any:
     """Build ``cls`` from a flat mapping, rejecting unknown keys (with a suggestion), values of
-    the wrong type and values outside the field's choices, each by name."""
+    the wrong type and values outside the field's choices or bounds, each by name."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise unknown_key(key, [n.replace("_", "-") for n in fields], where)
         f = fields[name]
         tp = _base_type(f.type)
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -222,6 +260,10 @@ def from_mapping(cls: type, values: Mapping[str, Any], *, where: str = "config")
             raise ConfigError(f"{where}: {key!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
         if f.metadata.get("choices") and value not in f.metadata["choices"]:
             raise ConfigError(f"{where}: {key!r} must be one of {list(f.metadata['choices'])}, got {value!r}")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if low is not None and high is not None else f">= {low}" if low is not None else f"<= {high}"
+            raise ConfigError(f"{where}: {key!r} must be {bounds}, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
 

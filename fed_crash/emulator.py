@@ -24,6 +24,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from .models import get_layers, layer_path, set_layers
 from .errors import FedCrashError
@@ -58,6 +59,7 @@ class EmulatorSpec:
     edge_fill: EdgeFill = "nearest"
     method: str = "uniform"
     clusters: tuple[tuple[int, ...], ...] = field(default=())
+    selection: dict = field(default_factory=dict, compare=False)  # how the kept set was chosen (JSON): pooling, search steps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kept", tuple(int(i) for i in self.kept))
@@ -131,7 +133,7 @@ class EmulatorSpec:
 
     def to_dict(self) -> dict:
         """JSON-native (lists, not tuples), so a dict read back from a manifest compares equal."""
-        return {**asdict(self), "kept": list(self.kept), "clusters": [list(c) for c in self.clusters]}
+        return {**asdict(self), "kept": list(self.kept), "clusters": [list(c) for c in self.clusters], "selection": dict(self.selection)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EmulatorSpec":
@@ -214,7 +216,7 @@ def make_spec(
         clusters = cluster_adjacent(similarity, middle, k)
         kept = [c[len(c) // 2] for c in clusters]
     else:
-        raise SpecError(f"unknown emulator method {method!r}; expected 'uniform' or 'crash'")
+        raise SpecError(f"unknown emulator method {method!r}; expected 'uniform' or 'crash' ('search' is planned by fed_crash.pipeline.plan_emulator)")
     return EmulatorSpec(num_layers, bottom, top, tuple(kept), share, edge_fill, method, tuple(map(tuple, clusters)))
 
 
@@ -342,20 +344,26 @@ class Emulator:
         layers = get_layers(self.model)
         return [(src, layers[pos]) for pos, src in self.adapter_positions()]
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Current adapter weights, detached copies on CPU, under the full model's keys."""
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The live adapter tensors (no copy) under the full model's keys."""
         return {
-            f"{self.prefix}.{src}.{name}": tensor.detach().to("cpu").clone()
+            f"{self.prefix}.{src}.{name}": tensor
             for src, module in self.adapter_modules()
             for name, tensor in module.state_dict().items()
         }
 
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Current adapter weights, detached copies on CPU, under the full model's keys."""
+        return {key: tensor.detach().to("cpu").clone() for key, tensor in self._adapter_tensors().items()}
+
     @torch.no_grad()
     def load_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
-        check_adapters(adapters, self.adapter_state(), "the emulator")
-        for src, module in self.adapter_modules():
-            for name, tensor in module.state_dict().items():
-                tensor.copy_(adapters[f"{self.prefix}.{src}.{name}"])
+        """Copy ``adapters`` into the adapter layers, checked against them in place (every round
+        on client and server: no copy of the adapters just to read their shapes)."""
+        live = self._adapter_tensors()
+        check_adapters(adapters, live, "the emulator")
+        for key, tensor in live.items():
+            tensor.copy_(adapters[key])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, module in self.adapter_modules() for p in module.parameters()]
@@ -363,7 +371,12 @@ class Emulator:
 
 def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: EmulatorSpec) -> Emulator:
     """Build the emulator model from the source model's config and the emulator + adapter
-    weights (keys as written by :func:`emulator_state` and :func:`adapter_state`)."""
+    weights (keys as written by :func:`emulator_state` and :func:`adapter_state`).
+
+    The frozen layers *are* the tensors of ``state`` (no copy, no random initialisation first):
+    a data owner's emulator then costs its size once in memory, not twice, and assembles
+    faster. The adapter layers, which train, get copies, so the caller's tensors never change.
+    """
     slots = spec.slots()
     slot_of = {slot: i for i, slot in enumerate(slots)}
     cfg = copy.deepcopy(config)
@@ -373,7 +386,8 @@ def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: Emu
         cfg.layer_types = [layer_types[src] for src, _ in slots]
     cfg.use_cache = False  # shared modules carry one layer_idx each: a KV cache would collide
     dtype = next(iter(state.values())).dtype
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with no_init_weights():  # every weight is replaced below; untouched allocations cost no memory
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     prefix = layer_path(model)
     mapped = {}
     for key, tensor in state.items():
@@ -383,10 +397,10 @@ def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: Emu
         elif (split := _split_key(key, prefix)) is not None:
             if (split[0], "layer") not in slot_of:
                 raise SpecError(f"weights hold layer {split[0]}, which this emulator spec does not use")
-            mapped[f"{prefix}.{slot_of[(split[0], 'layer')]}.{split[1]}"] = tensor
+            mapped[f"{prefix}.{slot_of[(split[0], 'layer')]}.{split[1]}"] = tensor.clone() if split[0] in spec.adapters else tensor
         else:
             mapped[key] = tensor
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
     missing = [k for k in missing if not _tied_head(cfg, k)]
     if missing or unexpected:
         raise SpecError(f"emulator weights do not fit the spec: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -407,7 +421,9 @@ def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: Emu
 
 
 def build_emulator(model: PreTrainedModel, spec: EmulatorSpec) -> Emulator:
-    """The emulator of an in-memory full model (fresh tensors: training it leaves the model as is)."""
-    emulator = assemble(model.config, {**emulator_state(model, spec), **adapter_state(model, spec)}, spec)
+    """The emulator of an in-memory full model (fresh tensors: training it, or aligning its
+    middle layers as FedBiOT does, leaves the model as is)."""
+    frozen = {key: tensor.clone() for key, tensor in emulator_state(model, spec).items()}
+    emulator = assemble(model.config, {**frozen, **adapter_state(model, spec)}, spec)
     emulator.model.to(next(model.parameters()).device)
     return emulator

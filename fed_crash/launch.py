@@ -17,10 +17,11 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,32 @@ def toml_value(value: Any) -> str:
 
 def run_config_arg(values: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def app_run_config(app: Path = APP) -> dict[str, Any]:
+    """A Flower app's default run config, flat (``section.key``), from its pyproject.toml."""
+    from flwr.common.config import flatten_dict
+
+    return flatten_dict(tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def check_run_config(values: Mapping[str, Any] | str, app: Path = APP) -> dict[str, Any]:
+    """Run-config overrides checked before ``flwr run`` sees them: Flower refuses a key its
+    app's pyproject does not list with only "Invalid run configuration", so an unknown or
+    mistyped key is named here, with the closest keys; for this project's app the values are
+    then parsed as the server will (types, choices, bounds). Returns the overrides as a dict."""
+    from flwr.common.config import parse_config_args
+
+    from .config import parse_run_config, unknown_key
+
+    overrides = parse_config_args([values]) if isinstance(values, str) else dict(values)
+    defaults = app_run_config(app)
+    for key in overrides:
+        if key not in defaults:
+            raise unknown_key(key, sorted(defaults))
+    if app.resolve() == APP.resolve():
+        parse_run_config({**defaults, **overrides})
+    return overrides
 
 
 def flower_env(flwr_home: Path, *, port_base: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -82,9 +109,18 @@ def flwr_run(
     timeout: float = 3600,
     echo: bool = False,
     connection: str | None = None,
+    kill_when: Callable[[str], bool] | None = None,
 ) -> FlowerRun:
     """``flwr run <app> [connection] --stream`` with overrides; returns the run's final status
-    and output. Without ``connection`` it is a local simulation of ``num_supernodes`` nodes."""
+    and output. Without ``connection`` it is a local simulation of ``num_supernodes`` nodes.
+    The overrides are checked first (:func:`check_run_config`). ``kill_when`` (local
+    simulations): a predicate on each output line; when it holds, the SuperLink and everything
+    it started are killed (SIGKILL), as a crash would, and the status is ``killed`` (tests and
+    scripts use it to interrupt a run and resume it; ``flwr stop`` only marks a simulation
+    stopped while its ServerApp runs on)."""
+    if kill_when is not None and connection:
+        raise ValueError("kill_when kills a local simulation's processes; it cannot reach a deployment")
+    check_run_config(run_config, app)
     flwr_home.mkdir(parents=True, exist_ok=True)
     full_env = flower_env(flwr_home, port_base=port_base, extra=env)
     cmd = ["flwr", "run", str(app)]
@@ -101,21 +137,27 @@ def flwr_run(
     cmd[0] = str(flwr) if flwr.exists() else "flwr"
     try:
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
+        lines, run_id, killed = [], None, False
         deadline = time.monotonic() + timeout
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
             if echo:
                 print(line, end="", flush=True)
+            started = re.search(r"Successfully started run (\d+)", line)
+            run_id = started.group(1) if started else run_id
+            if kill_when is not None and kill_when(line):
+                stop_local_superlink(flwr_home, kill=True)
+                proc.kill()
+                lines.append("\n[fed-crash] killed the run: its SuperLink, ServerApp and Ray processes\n")
+                killed = True
+                break
             if time.monotonic() > deadline:
                 proc.kill()
                 lines.append(f"\n[fed-crash] flwr run killed after {timeout}s\n")
                 break
         returncode = proc.wait()
         output = "".join(lines)
-        match = re.search(r"Successfully started run (\d+)", output)
-        run_id = match.group(1) if match else None
-        status, details = run_status(run_id, full_env, connection) if run_id else ("not-started", "")
+        status, details = ("killed", "") if killed else run_status(run_id, full_env, connection) if run_id else ("not-started", "")
         return FlowerRun(returncode, run_id, status, details, output)
     finally:
         stop_local_superlink(flwr_home)
@@ -145,23 +187,45 @@ def _pids_with(fragment: str) -> list[int]:
     return pids
 
 
-def stop_local_superlink(flwr_home: Path, grace_s: float = 10.0) -> None:
-    """Stop the background SuperLink that ``flwr run`` started for this FLWR_HOME (Linux)."""
-    marker = f"{flwr_home}/local-superlink/"
-    pids = _pids_with(marker)
+def _descendants(pids: list[int]) -> list[int]:
+    """Every process below ``pids``, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], list(pids)
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _pids_with(marker):
-        time.sleep(0.2)
-    for pid in _pids_with(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+
+def stop_local_superlink(flwr_home: Path, grace_s: float = 10.0, *, kill: bool = False) -> None:
+    """Stop the background SuperLink that ``flwr run`` started for this FLWR_HOME and everything
+    it started (the simulation process with the ServerApp, Ray's processes), which a SuperLink
+    alone does not take down (Linux). SIGTERM, then SIGKILL what is left after ``grace_s``;
+    ``kill``: SIGKILL at once, as a crash of the server machine would."""
+    superlinks = _pids_with(f"{flwr_home}/local-superlink/")
+    pids = superlinks + _descendants(superlinks)
+    if not kill:
+        _signal(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+    _signal([pid for pid in pids if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
 
 
 RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
@@ -193,6 +257,15 @@ def ray_head(*, dashboard_port: int = 8265, gcs_port: int = 6379, num_cpus: int 
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, text=True)
         RAY_CLUSTER_FILE.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a run's own SuperLink ports)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:

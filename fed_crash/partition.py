@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .config import DataConfig, FederationConfig
 from .data import DataError, split_rows
+
+if TYPE_CHECKING:  # flwr-datasets imports the datasets library: only where partitioning runs
+    from flwr_datasets.partitioner import Partitioner
 
 TOP_WORDS = 16
 
@@ -45,15 +48,16 @@ def derived_labels(rows: Sequence[dict[str, str]], by: str) -> list[str]:
     raise DataError(f"unknown partition label {by!r}; expected 'first-word' or 'length'")
 
 
-def client_shard(pool: Sequence[dict[str, str]], fed: FederationConfig, partition_id: int, num_partitions: int, seed: int = 0) -> list[dict[str, str]]:
-    """Partition ``partition_id`` of ``num_partitions`` of the client pool."""
+def make_partitioner(pool: Sequence[dict[str, str]], fed: FederationConfig, num_partitions: int, seed: int = 0) -> Partitioner:
+    """The ``flwr-datasets`` partitioner of the client pool into ``num_partitions`` shards.
+    Building it (an Arrow table of the whole pool, derived labels) costs far more than reading
+    one shard from it, so a worker that serves many nodes builds it once (see
+    :func:`fed_crash.federated.client_train`)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     if num_partitions > len(pool):
         raise DataError(f"{num_partitions} clients but only {len(pool)} client examples: every client needs at least one")
-    if not 0 <= partition_id < num_partitions:
-        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     table = {"instruction": [r["instruction"] for r in pool], "input": [r["input"] for r in pool], "output": [r["output"] for r in pool]}
     if fed.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions)
@@ -64,10 +68,23 @@ def client_shard(pool: Sequence[dict[str, str]], fed: FederationConfig, partitio
         else:
             partitioner = PathologicalPartitioner(num_partitions, "label", fed.classes_per_partition, class_assignment_mode="first-deterministic", seed=seed)
     partitioner.dataset = Dataset.from_dict(table)
+    return partitioner
+
+
+def partition_rows(partitioner: Partitioner, fed: FederationConfig, partition_id: int) -> list[dict[str, str]]:
+    """Shard ``partition_id`` of a partitioner from :func:`make_partitioner`, capped at
+    ``max-client-examples``."""
+    if not 0 <= partition_id < partitioner.num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{partitioner.num_partitions - 1}")
     shard = partitioner.load_partition(partition_id)
     rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in shard]
     if fed.max_client_examples:
         rows = rows[: fed.max_client_examples]
     if not rows:
-        raise DataError(f"client {partition_id} of {num_partitions} received an empty shard ({fed.partitioner})")
+        raise DataError(f"client {partition_id} of {partitioner.num_partitions} received an empty shard ({fed.partitioner})")
     return rows
+
+
+def client_shard(pool: Sequence[dict[str, str]], fed: FederationConfig, partition_id: int, num_partitions: int, seed: int = 0) -> list[dict[str, str]]:
+    """Partition ``partition_id`` of ``num_partitions`` of the client pool."""
+    return partition_rows(make_partitioner(pool, fed, num_partitions, seed), fed, partition_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from .config import DataConfig, EmulatorConfig, TrainConfig, TuneSizes, to_dict
 from .data import batches, load_instructions, pad_id, split_rows, tokenize
 from .emulator import EmulatorSpec, build_emulator, make_spec, plug_in
 from .models import get_layers, load_model
+from .search import Probe, search_kept
 from .train import evaluate, train_adapters
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,15 @@ def layer_similarity(
     formatted like training data)."""
     examples = tokenize(rows, tokenizer, max_length=data.max_length, template=data.template)
     feats = layer_features(
-        model, batches(examples, emu.calib_batch_size, pad_id(tokenizer)), pooling=emu.pooling, skip_first=emu.skip_first, progress=progress
+        model, batches(examples, emu.calib_batch_size, pad_id(tokenizer)), pooling=emu.pooling, skip_first=emu.skip_first,
+        outlier=emu.outlier_norm, progress=progress,
     )
     return cka_matrix(feats).float()
+
+
+def needs_calibration(emu: EmulatorConfig) -> bool:
+    """CRaSh (CKA) and search (divergence, starting from CRaSh) run the model on calibration rows."""
+    return emu.method in ("crash", "search")
 
 
 def calibration_rows(source: str, data: DataConfig, n: int) -> list[dict[str, str]]:
@@ -44,27 +52,52 @@ def calibration_rows(source: str, data: DataConfig, n: int) -> list[dict[str, st
     return split_rows(rows, {"calibration": n}, seed=data.seed)["calibration"]
 
 
+def search_probe(model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig) -> Probe:
+    """The divergence probe of search, on the first ``search_samples`` calibration rows."""
+    examples = tokenize(calibration[: emu.search_samples], tokenizer, max_length=data.max_length, template=data.template)
+    return Probe(model, batches(examples, emu.calib_batch_size, pad_id(tokenizer)), emu.divergence)  # type: ignore[arg-type]
+
+
 def plan_emulator(
-    model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True
+    model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True,
+    similarity: torch.Tensor | None = None, probe: Probe | None = None,
 ) -> tuple[EmulatorSpec, torch.Tensor | None]:
-    """The emulator spec for ``model``; CRaSh runs the model on ``calibration`` first."""
-    similarity = None
-    if emu.method == "crash":
+    """The emulator spec for ``model``. CRaSh clusters the layers by CKA on ``calibration``;
+    search starts from the uniform and CRaSh sets and lowers the divergence from the full model
+    on the first ``search_samples`` calibration rows (:mod:`fed_crash.search`). A caller that
+    plans several emulators on the same rows passes the ``similarity`` and ``probe`` it has."""
+    selection: dict = {}
+    if needs_calibration(emu):
         if not calibration:
-            raise ValueError("method 'crash' needs calibration samples (calib_samples > 0)")
-        similarity = layer_similarity(model, tokenizer, calibration, data, emu, progress=progress)
-    spec = make_spec(
-        emu.method,
-        len(get_layers(model)),
-        bottom=emu.bottom,
-        top=emu.top,
-        keep=emu.keep or None,
-        keep_ratio=None if emu.keep else emu.keep_ratio,
-        share=emu.share,
-        edge_fill=emu.edge_fill,  # type: ignore[arg-type]
-        similarity=similarity,
-    )
-    return spec, similarity
+            raise ValueError(f"method {emu.method!r} needs calibration samples (calib_samples > 0)")
+        if similarity is None:
+            similarity = layer_similarity(model, tokenizer, calibration, data, emu, progress=progress)
+        selection = {"calibration_samples": len(calibration), "pooling": emu.pooling, "skip_first": emu.skip_first, "outlier_norm": emu.outlier_norm}
+
+    def spec_of(method: str) -> EmulatorSpec:
+        return make_spec(
+            method,
+            len(get_layers(model)),
+            bottom=emu.bottom,
+            top=emu.top,
+            keep=emu.keep or None,
+            keep_ratio=None if emu.keep else emu.keep_ratio,
+            share=emu.share,
+            edge_fill=emu.edge_fill,  # type: ignore[arg-type]
+            similarity=similarity,
+        )
+
+    if emu.method != "search":
+        return replace(spec_of(emu.method), selection=selection), similarity
+    start = time.perf_counter()
+    probe = probe or search_probe(model, tokenizer, calibration, data, emu)
+    before = probe.evaluations
+    spec, steps = search_kept(probe, [spec_of("uniform"), spec_of("crash")], max_evaluations=emu.search_evaluations)
+    selection.update(divergence=probe.divergence, search_samples=sum(len(b["input_ids"]) for b in probe.batches),
+                     evaluations=probe.evaluations - before, search_seconds=round(time.perf_counter() - start, 1), steps=steps)
+    log.info("search: kept %s after %d evaluations, %s %.4f -> %.4f", list(spec.kept), probe.evaluations - before, probe.divergence,
+             steps[0]["divergence"], steps[-1]["divergence"])
+    return replace(spec, selection=selection), similarity
 
 
 def tune(
@@ -87,7 +120,7 @@ def tune(
     loaded = load_model(model_source, cache_dir=cache_dir, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
     rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
-    calib_n = emu.calib_samples if emu.method == "crash" else 0
+    calib_n = emu.calib_samples if needs_calibration(emu) else 0
     parts = split_rows(rows, {"eval": sizes.eval_examples, "calibration": calib_n, "train": sizes.train_examples}, seed=data.seed)
     spec, similarity = plan_emulator(model, tokenizer, parts["calibration"], data, emu, progress=progress)
     log.info("%s", spec.describe())

@@ -3,8 +3,9 @@
 Every strategy here is a ``flwr.serverapp.strategy.Strategy``; the aggregation rules are
 Flower's own (``flwr.serverapp.strategy``), configured from :class:`FederationConfig`.
 :class:`OffsiteStrategy` wraps any of them with what offsite-tuning needs around aggregation:
-the emulator sent once per node, per-client metrics and bytes recorded, and no federated
-evaluation (the server evaluates the plugged-in model itself).
+the emulator sent once per node, reproducible sampling by partition id, every reply validated
+(:mod:`strategies.validate`) and every failure recorded, per-client metrics and bytes, and no
+federated evaluation (the server evaluates the plugged-in model itself).
 
 Client-side parts live in :mod:`fed_crash.federated`: FedProx's ``proximal-mu`` (sent by
 Flower's FedProx in the train config) and the FedBiOT regulariser become one proximal term
@@ -31,6 +32,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from fed_crash.artifacts import ArtifactError
 from fed_crash.config import ConfigError, FederationConfig
 
 from .dp import UNIT_WEIGHT_KEY, ClientClippingDP
@@ -112,4 +114,23 @@ def server_state(strategy: Strategy) -> dict[str, np.ndarray]:
     return {}
 
 
-__all__ = ["DP_STRATEGIES", "STRATEGIES", "ClientClippingDP", "OffsiteStrategy", "RoundTraffic", "UNIT_WEIGHT_KEY", "make_strategy", "server_state"]
+def restore_server_state(strategy: Strategy, state: dict[str, np.ndarray], keys: list[str]) -> None:
+    """Put a checkpoint's :func:`server_state` back into a freshly made strategy, to resume a
+    run: ``keys`` are the adapter keys in the order the run sends them (FedAvgM keeps its
+    momentum as a list in that order). The round-start arrays themselves are set by the
+    strategy's next ``configure_train``."""
+    if isinstance(strategy, (OffsiteStrategy, ClientClippingDP)):
+        return restore_server_state(strategy.inner if isinstance(strategy, OffsiteStrategy) else strategy.strategy, state, keys)
+    names = ("m_t", "v_t") if isinstance(strategy, FedOpt) else ("momentum",) if isinstance(strategy, FedAvgM) else ()
+    expected = {f"{name}/{k}" for name in names for k in keys} if state else set()
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)
+        raise ArtifactError(f"server optimizer state does not fit strategy {type(strategy).__name__} and these adapters: "
+                            f"{len(odd)} tensor(s) missing or unexpected, e.g. {odd[0]!r}")
+    if state and isinstance(strategy, FedOpt):
+        strategy.m_t, strategy.v_t = ({k: state[f"{name}/{k}"] for k in keys} for name in names)
+    elif state:
+        strategy.momentum_vector = [state[f"momentum/{k}"] for k in keys]
+
+
+__all__ = ["DP_STRATEGIES", "STRATEGIES", "ClientClippingDP", "OffsiteStrategy", "RoundTraffic", "UNIT_WEIGHT_KEY", "make_strategy", "restore_server_state", "server_state"]

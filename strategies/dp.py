@@ -48,18 +48,31 @@ class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
         self.spent: dict[int, PrivacySpent] = {}
         self._accountant: RdpAccountant | None = None
         self._events: dict[int, GaussianPrivacyEvent] = {}
+        self.releases: list[tuple[int, int, int]] = []  # (round, sampled, population) of every released round: the accountant's state
         # dp-accounting warns through absl for every RDP order it drops while converging
         logging.getLogger("absl").setLevel(logging.ERROR)
+
+    def _accountant_for(self, population: int) -> RdpAccountant:
+        if self._accountant is None:
+            self._accountant = RdpAccountant(PrivacyConfig(
+                target_delta=self.delta, population_size=population,
+                neighboring_relation=NeighboringRelation.REPLACE_ONE, sampling_method=SamplingMethod.WITHOUT_REPLACEMENT,
+            ))
+        return self._accountant
+
+    def restore(self, releases: list[list[int]]) -> None:
+        """Replay a checkpoint's :attr:`releases` into a fresh accountant (resume): a resumed
+        run keeps counting the privacy spent before it was stopped."""
+        for server_round, sampled, population in releases:
+            accountant = self._accountant_for(population)
+            accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, sampled, accountant.config.population_size))
+            self.spent[server_round] = accountant.get_privacy_spent()
+            self.releases.append((server_round, sampled, population))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if messages:
-            population = len(list(grid.get_node_ids()))
-            if self._accountant is None:
-                self._accountant = RdpAccountant(PrivacyConfig(
-                    target_delta=self.delta, population_size=population,
-                    neighboring_relation=NeighboringRelation.REPLACE_ONE, sampling_method=SamplingMethod.WITHOUT_REPLACEMENT,
-                ))
+            self._accountant_for(len(list(grid.get_node_ids())))
             self.num_sampled_clients = len(messages)
             self._events[server_round] = GaussianPrivacyEvent(self.noise_multiplier, len(messages), self._accountant.config.population_size)
         return messages
@@ -76,4 +89,5 @@ class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
         if arrays is not None and event is not None and self._accountant is not None:
             self._accountant.compose(event)
             self.spent[server_round] = self._accountant.get_privacy_spent()
+            self.releases.append((server_round, event.sample_size, event.population_size))
         return arrays, metrics

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -53,6 +54,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Messages take run, node and task ids from the process's identity, which a ServerApp
+    process has; set one for messages built in a test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
@@ -77,3 +88,31 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     tiny_llama().save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class LocalGrid:
+    """Flower's Grid in one process, for tests of the server's own logic (Flower's transport is
+    not what they test; the end-to-end tests run real ``flwr run``s): the connected nodes, with
+    ids 1..n or as given (Flower draws them at random), each answering with the app's real
+    handlers (``client_query``, ``client_train``) and its own Context, partition i for the i-th
+    node; an exception in a handler becomes an error reply, as in Flower."""
+
+    def __init__(self, nodes: int, *, ids: list[int] | None = None, run_config: dict | None = None) -> None:
+        self.nodes = list(ids or range(1, nodes + 1))
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i, "num-partitions": len(self.nodes)},
+                                       state=RecordDict(), run_config=dict(run_config or {})) for i, node in enumerate(self.nodes)}
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        from fed_crash.federated import client_query, client_train
+
+        handlers = {MessageType.QUERY: client_query, MessageType.TRAIN: client_train}
+        replies = []
+        for message in messages:
+            try:
+                replies.append(handlers[message.metadata.message_type](message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:  # noqa: BLE001 - what Flower does with a ClientApp's exception
+                replies.append(Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=message))
+        return replies

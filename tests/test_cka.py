@@ -67,3 +67,23 @@ def test_layer_features_have_one_matrix_per_layer(tiny_model, tokenizer):
     assert all(f.shape == (6, 32) for f in feats)
     # The layers' raw outputs (hooks), not the embedding output: layer features differ.
     assert not torch.allclose(feats[0], feats[1])
+
+
+def test_sink_exclusion_changes_pooled_vectors_only_through_the_excluded_positions():
+    """Left out: the first real token (left or right padding) and, when asked, positions with an
+    outlier norm. Changing those states leaves the pool as it was; the rest is a plain mean."""
+    hidden = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])  # right- and left-padded
+    pooled = pool(hidden, mask, "mean", skip_first=1)
+    assert torch.allclose(pooled[0], hidden[0, 1:4].mean(0)) and torch.allclose(pooled[1], hidden[1, 2:5].mean(0))
+    changed = hidden.clone()
+    changed[0, 0] += 1000.0
+    changed[1, 1] += 1000.0  # each sample's first real token, made a sink
+    assert torch.allclose(pool(changed, mask, "mean", skip_first=1), pooled)
+    assert not torch.allclose(pool(changed, mask, "mean"), pool(hidden, mask, "mean"))
+    # an outlier in the middle: left out by norm, the other positions untouched
+    sink = hidden.clone()
+    sink[0, 2] = 500.0
+    expected = hidden[0, [1, 3]].mean(0)
+    assert torch.allclose(pool(sink, mask, "mean", skip_first=1, outlier=10.0)[0], expected)
+    assert torch.allclose(pool(hidden, mask, "mean", skip_first=1, outlier=10.0), pooled)  # no outliers: no change

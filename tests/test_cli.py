@@ -100,9 +100,30 @@ def test_similarity_writes_a_heatmap_and_clusters(tiny_model_dir, data_file, tmp
     assert info["cka"][3][3] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_emulator_compare_writes_a_table_and_plot_with_every_method(tiny_model_dir, data_file, tmp_path):
+    result = fed_crash("emulator", "compare", "--model", tiny_model_dir, "--data", data_file, "--budgets", "2", "4",
+                       "--calib-samples", "8", "--search-samples", "4", "--compare-eval-examples", "8", "--tune-budget", "2",
+                       "--steps", "3", "--train-examples", "8", "--out", tmp_path, "--no-progress")
+    info = json.loads((tmp_path / "compare.json").read_text())
+    rows = {(r["budget"], r["share"], r["method"]): r for r in info["rows"]}
+    assert len(rows) == 2 * 2 * 4
+    assert rows[(2, True, "uniform")]["depth"] == 8 and rows[(2, False, "uniform")]["depth"] == 2 + 2 + 2
+    for (budget, share, method), row in rows.items():
+        assert len(row["kept"]) == budget and row["emulator_loss"] > 0
+        assert ("plugin_loss" in row) == (budget == 2)
+    full = [row for row in rows.values() if row["budget"] == 4]  # every middle layer kept: the full model, after all the tuning
+    assert all(row["emulator_loss"] == pytest.approx(info["full_loss"], abs=1e-5) for row in full)
+    # search starts from the better of uniform and crash and only goes down from there
+    for budget in (2, 4):
+        assert rows[(budget, False, "search")]["search_steps"] >= 0
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 2 | off | search |" in result.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["tune", "--model", "/no/such/model", "--out", "x"], "model path '/no/such/model' does not exist"),
     (["emulator", "build", "--keep", "99", "--out", "x"], "cannot keep 99 layers"),
+    (["emulator", "compare", "--budgets", "3", "99", "--out", "x"], "cannot keep 99 layers"),
     (["eval", "--task", "arc_eazy", "--out", "x"], "'arc_eazy' is neither a .jsonl file nor one of"),
     (["eval", "--out", "x"], "nothing to evaluate: give --task and/or --instruct-examples"),
     (["eval", "--task", "/no/such.jsonl", "--out", "x"], "multiple-choice file /no/such.jsonl does not exist"),

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fed_crash.emulator import EmulatorSpec, SpecError, build_emulator, cluster_adjacent, make_spec, uniform_indices
-from fed_crash.models import get_layers
+from fed_crash.emulator import (EmulatorSpec, SpecError, adapter_state, assemble, build_emulator, cluster_adjacent, emulator_state, make_spec,
+                                uniform_indices)
+from fed_crash.models import get_layers, layer_path
 
 
 @pytest.mark.parametrize("n,k", [(26, 10), (26, 14), (26, 18), (4, 2), (9, 3), (5, 5)])
@@ -113,6 +114,24 @@ def test_emulator_equal_to_the_full_model_gives_the_same_logits(tiny_model):
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.allclose(emulator.model(ids).logits, tiny_model(ids).logits, atol=1e-5)
+
+
+def test_assemble_adopts_frozen_tensors_and_copies_the_adapters(tiny_model):
+    """A client's emulator holds its weights once (the loaded tensors themselves), while the
+    adapters it trains never alias the caller's; the server's build_emulator shares nothing."""
+    spec = EmulatorSpec(8, 2, 2, kept=(3, 5))
+    state = {**emulator_state(tiny_model, spec), **adapter_state(tiny_model, spec)}
+    state = {k: v.clone() for k, v in state.items()}
+    emulator = assemble(tiny_model.config, state, spec)
+    own = {t.data_ptr() for t in emulator.model.state_dict().values()}
+    kept = [k for k in state if k.startswith(f"{layer_path(tiny_model)}.3.")]
+    assert kept and all(state[k].data_ptr() in own for k in kept)
+    assert not {state[k].data_ptr() for k in adapter_state(tiny_model, spec)} & own
+    built = build_emulator(tiny_model, spec)
+    assert not {t.data_ptr() for t in built.model.state_dict().values()} & {t.data_ptr() for t in tiny_model.state_dict().values()}
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(emulator.model(ids).logits, built.model(ids).logits)
 
 
 def test_spec_round_trips_through_a_dict():

@@ -14,26 +14,10 @@ from fed_crash.config import ConfigError, FederationConfig, parse_run_config
 from fed_crash.federated import clip_update
 from fed_crash.train import proximal_term
 from strategies import STRATEGIES, ClientClippingDP, OffsiteStrategy, make_strategy, server_state
+from tests.conftest import LocalGrid
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Messages take run, node and task ids from the process's identity, which a ServerApp
-    process has; set one for messages built here."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-class FakeGrid:
-    """What configure_train asks of a Grid: the connected nodes."""
-
-    def __init__(self, nodes: int) -> None:
-        self.nodes = list(range(1, nodes + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
+pytestmark = pytest.mark.usefixtures("server_identity")  # conftest: messages need a process identity
 
 
 def reply(node: int, w: list[float], examples: int, **metrics: float) -> Message:
@@ -84,7 +68,7 @@ def test_fedadam_step_through_the_offsite_wrapper_and_its_state():
     strategy's round-start arrays right) and the float32 of the adapters kept."""
     cfg = fed(strategy="fedadam", fedopt_eta=0.01, fedopt_beta1=0.9, fedopt_beta2=0.99, fedopt_tau=1e-6)
     strategy = OffsiteStrategy(make_strategy(cfg), RecordDict(), min_available_nodes=1, settle_s=0.0)
-    grid = FakeGrid(2)
+    grid = LocalGrid(2)
     x = np.array([1.0, -1.0, 0.5])
     m, v = np.zeros(3), np.zeros(3)
     for server_round, (a, b) in enumerate([([1.2, -1.0, 0.4], [1.0, -0.8, 0.2]), ([0.9, -1.1, 0.6], [1.1, -0.9, 0.5])], start=1):
@@ -108,7 +92,7 @@ def test_fedadam_step_through_the_offsite_wrapper_and_its_state():
 
 def test_fedavgm_momentum_and_its_state():
     strategy = make_strategy(fed(strategy="fedavgm", server_lr=1.0, server_momentum=0.5))
-    grid, x0 = FakeGrid(1), np.array([1.0, 2.0], dtype=np.float32)
+    grid, x0 = LocalGrid(1), np.array([1.0, 2.0], dtype=np.float32)
     strategy.configure_train(1, ArrayRecord({"w": Array(x0)}), ConfigRecord(), grid)
     x1, _ = strategy.aggregate_train(1, [reply(1, [0.0, 2.0], 1)])
     np.testing.assert_allclose(weights(x1), [0.0, 2.0])  # first round: momentum = the pseudo-gradient
@@ -120,7 +104,7 @@ def test_fedavgm_momentum_and_its_state():
 
 
 def test_fedprox_sends_mu_and_the_term_adds_mu_times_the_drift_to_the_gradient():
-    messages = make_strategy(fed(strategy="fedprox", proximal_mu=0.3)).configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), FakeGrid(1))
+    messages = make_strategy(fed(strategy="fedprox", proximal_mu=0.3)).configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), LocalGrid(1))
     assert messages[0].content["config"]["proximal-mu"] == pytest.approx(0.3)
 
     mu = 0.3
@@ -163,7 +147,7 @@ def test_dp_wrapper_sends_the_norm_averages_unweighted_adds_noise_and_accounts()
     np.random.seed(0)  # Flower draws the noise from numpy's global generator
     strategy = make_strategy(fed(strategy="fedavg", fraction_train=0.5, dp_clipping_norm=2.0, dp_noise_multiplier=1.5, dp_delta=1e-4))
     assert isinstance(strategy, ClientClippingDP)
-    grid = FakeGrid(4)
+    grid = LocalGrid(4)
     messages = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2000, np.float32))}), ConfigRecord(), grid))
     assert len(messages) == 2 and strategy.num_sampled_clients == 2
     assert messages[0].content["config"]["clipping_norm"] == 2.0

@@ -1,9 +1,10 @@
-"""ClientApp: train the adapters on the node's private Alpaca shard, on the cached emulator."""
+"""ClientApp: train the adapters on the node's private Alpaca shard, on the cached emulator;
+answer the server's question which partition this node holds."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from alpaca.task import client_train
+from alpaca.task import client_query, client_train
 
 app = ClientApp()
 
@@ -11,3 +12,8 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return client_train(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return client_query(msg, context)

@@ -1,0 +1,101 @@
+"""Framework overhead: seconds per local training step inside a Flower client under Ray,
+against the same steps in a plain PyTorch loop on the same emulator and the same batches.
+
+Each repeat is one real `flwr run` of the app on the default model (one supernode whose Ray
+actor gets --cpus cores, one round of --steps steps; the app's emulator, batch size and
+length), then, in this process, a plain loop (response-token loss, backward, gradient clipping,
+AdamW step) over exactly the batches the client trained on: the run's emulator folder, the
+client's shard, its seed, and as many torch threads as the client reported. Both sides time
+the same span of every step and take the median after the first step (which pays for lazy
+allocations), so one-time costs (model load, emulator transfer, tokenization) are excluded.
+The figure is the median over repeats of client step / plain step.
+
+    python benchmarks/overhead.py --repeats 3 --steps 12
+
+Goal: at most 1.10x.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+GOAL = 1.10
+
+
+def plain_steps(run_dir: Path, overrides: dict, threads: int) -> tuple[list[float], float]:
+    """Seconds per step of a plain loop over the batches client 0 of 1 trained on in round 1,
+    and the first step's loss (equal to the client's when the batches and weights are)."""
+    import torch
+
+    from fed_crash.artifacts import load_emulator
+    from fed_crash.data import batches, load_instructions, pad_id, tokenize
+    from fed_crash.federated import calibration_slice
+    from fed_crash.partition import client_shard, server_and_client_rows
+    from fed_crash.train import response_loss
+
+    torch.set_num_threads(threads)
+    cfg = common.run_config(overrides)
+    emulator, tokenizer, _ = load_emulator(run_dir / "emulator")
+    pool = server_and_client_rows(load_instructions(cfg.data.data), cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
+    examples = tokenize(client_shard(pool, cfg.fed, 0, 1, seed=cfg.data.seed), tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
+    train = replace(cfg.train, seed=cfg.train.seed + 1000 * 1 + 0)  # what client_train uses in round 1 for partition 0
+    torch.manual_seed(train.seed)
+    params = emulator.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    model = emulator.model
+    model.train()
+    times, losses = [], []
+    for batch in batches(examples, train.batch_size, pad_id(tokenizer), shuffle=True, seed=train.seed):
+        start = time.perf_counter()
+        loss_sum, n = response_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum / max(n, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        optimizer.step()
+        losses.append(float(loss_sum.detach()) / max(n, 1))
+        times.append(time.perf_counter() - start)
+        if len(times) == train.steps:
+            break
+    return times, losses[0]
+
+
+def main() -> None:
+    import os
+
+    p = common.parser(__doc__, "overhead")
+    p.add_argument("--steps", type=int, default=12, help="local steps per run; the median is over all but the first (default: 12)")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="cores of the client's Ray actor (default: all)")
+    args = p.parse_args()
+    work = Path(args.work)
+    overrides = {"data": str(common.ALPACA), "num-server-rounds": 1, "fraction-train": 1.0, "min-train-nodes": 1, "min-available-nodes": 1,
+                 "eval-examples": 8, "save-model": False, "train.steps": args.steps}
+    repeats = []
+    for r in range(args.repeats):
+        run_dir, lines = common.run_app(overrides, work=work, name="overhead", supernodes=1, cpus_per_client=args.cpus)
+        client = common.clients_of(lines, [1])[0]
+        plain, first_loss = plain_steps(run_dir, overrides, int(client["threads"]))
+        if abs(first_loss - client["first-loss"]) > 1e-3:
+            raise RuntimeError(f"the plain loop did not see the client's batches: first loss {first_loss:.5f} vs {client['first-loss']:.5f}")
+        plain_step = common.median(plain[1:])
+        repeats.append({"client_step_s": client["step-seconds"], "plain_step_s": plain_step, "ratio": client["step-seconds"] / plain_step,
+                        "client_threads": int(client["threads"]), "client_train_s": client["seconds"], "plain_steps_s": plain,
+                        "client_load_s": client["load-seconds"], "client_data_s": client["data-seconds"], "client_delivery_s": client["delivery-seconds"],
+                        "client_peak_rss_mib": client["peak-rss-mib"]})
+        print(f"repeat {r + 1}: client {client['step-seconds']:.3f} s/step, plain {plain_step:.3f} s/step, ratio {repeats[-1]['ratio']:.3f}", flush=True)
+    ratio = common.median(x["ratio"] for x in repeats)
+    rows = [(i + 1, f"{x['client_step_s']:.3f}", f"{x['plain_step_s']:.3f}", f"{x['ratio']:.3f}x", x["client_threads"]) for i, x in enumerate(repeats)]
+    rows.append(("median", f"{common.median(x['client_step_s'] for x in repeats):.3f}", f"{common.median(x['plain_step_s'] for x in repeats):.3f}",
+                 f"**{ratio:.3f}x**", ""))
+    text = common.table(["repeat", "Flower client under Ray (s/step)", "plain PyTorch loop (s/step)", "client / plain", "torch threads"], rows)
+    text += f"\n\nGoal: at most {GOAL:.2f}x: {'met' if ratio <= GOAL else 'NOT met'} ({ratio:.3f}x)."
+    common.finish(args, "overhead", {"ratio": ratio, "goal": GOAL, "met": ratio <= GOAL, "repeats_detail": repeats, "run_config": overrides}, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Try the failures a federation meets against the real system and write the table of
+docs/reliability.md: what was tried, what happened, the message, and whether anything was lost.
+
+    .venv/bin/python scripts/reliability.py [--doc docs/reliability.md] [--work DIR]
+
+About 12 minutes on 2 CPU cores. Every scenario is a real ``flwr run`` (a local SuperLink,
+Ray-simulated clients; :func:`fed_crash.launch.flwr_run`) of the test suite's tiny random Llama
+on 64 Alpaca-style rows, in a temporary folder (``--work`` keeps it); only the table between the
+markers in the doc is rewritten.
+
+* faults: one 4-round FedAdam run of 3 clients with every injected fault (crash, timeout,
+  dropout, a garbage update over the norm bound; one round in which every client fails), the
+  same run stopped with ``flwr stop`` after round 2 and resumed with ``resume=true``;
+* bad updates: one 1-round run per kind of bad update, one client of 3 sending it; and a
+  garbage update with no norm bound under FedAvg and under FedMedian;
+* bad inputs: each bad key, value, file, spec, client count or checkpoint, started like a user
+  starts a run, against a results folder that already holds the runs above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test suite's tiny model and rows
+
+from fed_crash.config import FaultConfig  # noqa: E402
+from fed_crash.errors import FedCrashError  # noqa: E402
+from fed_crash.faults import KINDS, FaultPlan, find_seed  # noqa: E402
+from fed_crash.federated import reproducible  # noqa: E402
+from fed_crash.launch import FlowerRun, flwr_run, free_port  # noqa: E402
+from tests.conftest import ROWS, build_tokenizer, tiny_llama  # noqa: E402
+
+log = logging.getLogger("reliability")
+START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
+BAD_UPDATES = ("garbage", "nan", "inf", "shape", "dtype", "missing-key", "extra-key")
+ERROR = re.compile(r"\b([A-Z][A-Za-z]*(?:Error|Fault)): ([^\n]+)")
+
+
+class Lab:
+    """The tiny model, the rows and the results folder every scenario shares."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.results = work / "results"
+        self.model = self.tiny_model(work / "model", seed=0)
+        rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * 2)]
+        self.data = work / "rows.jsonl"
+        self.data.write_text("\n".join(json.dumps(r) for r in rows))
+        self.configs: dict[str, dict] = {}
+        self.launched = 0
+        self.base = {"model": str(self.model), "data": str(self.data), "results-dir": str(self.results), "eval-examples": 8,
+                     "max-length": 256, "fraction-train": 1.0, "max-client-examples": 16, "emulator.keep": 2, "emulator.share": False,
+                     "train.steps": 4, "train.lr": 0.003, "save-model": False}
+
+    @staticmethod
+    def tiny_model(folder: Path, seed: int) -> Path:
+        tiny_llama(seed=seed).save_pretrained(folder, safe_serialization=True)
+        build_tokenizer().save_pretrained(folder)
+        return folder
+
+    def run(self, name: str, supernodes: int = 3, kill_when=None, **overrides: Any) -> tuple[FlowerRun, Path]:
+        """A run of the base config with ``overrides``; its full config is kept in :attr:`configs`."""
+        config = {**self.base, "run-name": name, "min-available-nodes": supernodes, "min-train-nodes": min(supernodes, 2), **overrides}
+        self.configs[name] = config
+        return self.launch(config, supernodes, kill_when)
+
+    def launch(self, config: dict, supernodes: int, kill_when=None) -> tuple[FlowerRun, Path]:
+        name = config["run-name"]
+        start = time.perf_counter()
+        self.launched += 1  # every run its own SuperLink state and node caches
+        result = flwr_run(config, num_supernodes=supernodes, flwr_home=self.work / "flwr" / str(self.launched), port_base=free_port(),
+                          env={"FED_CRASH_NODE_CACHE": str(self.work / "nodes" / str(self.launched))}, timeout=600, kill_when=kill_when)
+        log.info("%s: %s in %.0fs", name, result.status, time.perf_counter() - start)
+        return result, self.results / name
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_adapters(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def short(text: str, limit: int = 150) -> str:
+    text = " ".join(text.replace("|", "/").split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def rows_for_faults(lab: Lab) -> list[list[str]]:
+    faults = FaultConfig(crash_rate=0.2, timeout_rate=0.1, dropout_rate=0.15, dropout_rounds=2, bad_update_rate=0.2)
+
+    def telling(table: dict) -> bool:  # as tests/test_reliability.py stages it
+        ok = {r: sum(table[p, r] is None for p in range(3)) for r in range(1, 5)}
+        return (set(table.values()) >= set(KINDS) and {r for (_, r), k in table.items() if k == "timeout"} == {3}
+                and 0 in ok.values() and ok[1] + ok[2] > 0 and ok[4] > 0)
+
+    faults = dataclasses.replace(faults, seed=find_seed(faults, 3, 4, telling))
+    config = {"num-server-rounds": 4, "strategy": "fedadam", "fedopt-eta": 0.003, "round-timeout": 15.0, "max-update-norm": 50.0,
+              **{f"faults.{f.name.replace('_', '-')}": getattr(faults, f.name) for f in dataclasses.fields(faults)}}
+    result, a = lab.run("faults", **config)
+    lines = metrics(a) if (a / "metrics.jsonl").exists() else []
+    complete = result.ok and all((a / f"adapters/round-{r}.safetensors").is_file() for r in range(5)) and (a / "adapters/final.safetensors").is_file()
+    kept = "run finished; adapters, metrics and checkpoint of every round written" if complete else f"NO: run {result.status}"
+    rates = {"crash": faults.crash_rate, "timeout": faults.timeout_rate, "dropout": faults.dropout_rate, "bad-update": faults.bad_update_rate}
+    option = {"crash": "faults.crash-rate", "timeout": "faults.timeout-rate (round-timeout 15 s)", "dropout": "faults.dropout-rate, dropout-rounds 2",
+              "bad-update": "faults.bad-update-rate, garbage x100, max-update-norm 50"}
+    seen = {"crash": "error", "timeout": "timeout", "dropout": "offline", "bad-update": "rejected"}
+    plan = FaultPlan(faults)
+    rows = []
+    for kind in KINDS:
+        hits = [(line, f) for line in lines[1:] for f in line["failures"] if f["kind"] == seen[kind]]
+        planned = [(p, r) for p in range(3) for r in range(1, 5) if plan.fault(p, r) == kind]
+        if not hits:
+            rows.append(["fault", f"{kind} ({option[kind]} {rates[kind]})", "flwr run, 3 clients, 4 rounds", f"NOT SEEN (planned {planned})", "", kept])
+            continue
+        line, failure = hits[0]
+        others = len(line["clients"])
+        outcome = (f"round {line['round']}: client {failure['partition']} recorded as `{failure['kind']}` in metrics.jsonl; "
+                   + (f"the round aggregated the other {others} client(s)" if line["aggregated"] else "the round kept the previous adapters"))
+        rows.append(["fault", f"{kind} ({option[kind]} {rates[kind]}; hit clients/rounds {planned})", "flwr run, 3 clients, 4 rounds",
+                     outcome, short(failure["reason"]), kept])
+    for line in lines[1:]:
+        if not line["clients"]:
+            r = line["round"]
+            unchanged = same_adapters(a / f"adapters/round-{r - 1}.safetensors", a / f"adapters/round-{r}.safetensors")
+            rows.append(["fault", f"every client fails in round {r} ({', '.join(f['kind'] for f in line['failures'])})", "same run",
+                         f"previous adapters kept (round {r} = round {r - 1}, bitwise: {'yes' if unchanged else 'NO'}); the run went on",
+                         short(line.get("note", "")), kept])
+
+    killed, b = lab.run("killed", kill_when=lambda text: "round 2/4 |" in text, **config)
+    at = json.loads((b / "checkpoint.json").read_text())["round"] if (b / "checkpoint.json").exists() else None
+    same = at is not None and [reproducible(x) for x in metrics(b)[: at + 1]] == [reproducible(x) for x in lines[: at + 1]]
+    rows.append(["determinism", "the same run config and seed again (the run killed below)", "flwr run",
+                 f"rounds 0-{at} of metrics.jsonl identical to the first run's (wall-clock times and node ids aside): {'yes' if same else 'NO'}",
+                 "", "-"])
+    resumed, c = lab.run("killed", **config, resume=True)
+    equal = resumed.ok and same_adapters(a / "adapters/final.safetensors", c / "adapters/final.safetensors")
+    rows.append(["resume", "server killed (SuperLink, ServerApp, Ray: SIGKILL) once round 2 of 4 is logged, then the same command with resume=true",
+                 "flwr run x2", f"killed after round {at} ({killed.status}); resumed run {resumed.status}; final adapters equal the "
+                 f"uninterrupted run's, bitwise: {'yes' if equal else 'NO'}", "", "yes: continues from checkpoint.json" if equal else "NO"])
+    return rows
+
+
+def rows_for_bad_updates(lab: Lab) -> list[list[str]]:
+    rows = []
+    one_bad = FaultConfig(bad_update_rate=0.3)
+    seed = find_seed(one_bad, 3, 1, lambda t: [t[p, 1] for p in range(3)].count("bad-update") == 1 and None in {t[p, 1] for p in range(3)})
+    for kind in BAD_UPDATES:
+        result, run = lab.run(f"bad-{kind}", **{"num-server-rounds": 1, "max-update-norm": 50.0, "faults.bad-update-rate": 0.3,
+                                                 "faults.seed": seed, "faults.bad-update": kind})
+        line = metrics(run)[1] if result.ok else None
+        rejected = [f for f in line["failures"] if f["kind"] == "rejected"] if line else []
+        outcome = (f"rejected before aggregation; the round aggregated the other {len(line['clients'])} client(s)" if rejected
+                   else f"NOT REJECTED ({result.status})")
+        rows.append(["bad update", f"{kind} (faults.bad-update, 1 client of 3)", "flwr run, fedavg, max-update-norm 50", outcome,
+                     short(rejected[0]["reason"]) if rejected else "", "run finished" if result.ok else "NO"])
+    for strategy in ("fedavg", "fedmedian"):
+        result, run = lab.run(f"byzantine-{strategy}", **{"num-server-rounds": 1, "strategy": strategy, "faults.bad-update-rate": 0.3,
+                                                           "faults.seed": seed, "faults.bad-update": "garbage"})
+        lines = metrics(run) if result.ok else []
+        outcome = (f"aggregated ({len(lines[1]['clients'])} clients); plug-in loss {lines[0]['server']['plugin_loss']:.3f} -> "
+                   f"{lines[1]['server']['plugin_loss']:.3f}" if lines else f"failed: {result.status}")
+        rows.append(["bad update", f"garbage x100 from 1 client of 3, no norm bound, {strategy}", "flwr run", outcome,
+                     "", "run finished" if result.ok else "NO"])
+    return rows
+
+
+def rows_for_bad_inputs(lab: Lab) -> list[list[str]]:
+    bad = lab.work / "bad.jsonl"
+    bad.write_text("\n".join([json.dumps(ROWS[0]), json.dumps(ROWS[1]), json.dumps({"instruction": "no output"})]))
+    # a finished 1-round run whose model folder is then overwritten with other weights
+    moved = lab.tiny_model(lab.work / "model-later-replaced", seed=0)
+    lab.run("other-model", supernodes=2, **{"num-server-rounds": 1, "model": str(moved)})
+    lab.tiny_model(moved, seed=1)
+    new = {**lab.base, "run-name": "bad-input", "min-available-nodes": 2, "min-train-nodes": 2}
+    cases = [  # (case, what is shown as tried, run config, clients)
+        ("unknown key", "emulator.keep-ration=0.5", {**new, "emulator.keep-ration": 0.5}, 2),
+        ("key outside its section", "keep-ratio=0.5", {**new, "keep-ratio": 0.5}, 2),
+        ("wrong type", "train.lr='fast'", {**new, "train.lr": "fast"}, 2),
+        ("value out of range", "faults.crash-rate=1.5", {**new, "faults.crash-rate": 1.5}, 2),
+        ("missing data file", "data=<work>/no-such.jsonl", {**new, "data": str(lab.work / "no-such.jsonl")}, 2),
+        ("missing model", "model=<work>/no-such-model", {**new, "model": str(lab.work / "no-such-model")}, 2),
+        ("missing multiple-choice file", "mc-task=<work>/no-such-mc.jsonl", {**new, "mc-task": str(lab.work / "no-such-mc.jsonl")}, 2),
+        ("malformed data row", "data=<work>/bad.jsonl (row 2 has no output)", {**new, "data": str(bad)}, 2),
+        ("more clients than examples", "60 clients, 56 client rows", {**new, "min-available-nodes": 60}, 60),
+        ("emulator spec that does not fit", "emulator.keep=99 (4 middle layers)", {**new, "emulator.keep": 99}, 2),
+        ("emulator that keeps every middle layer (the full model)", "emulator.keep=4", {**new, "emulator.keep": 4}, 2),
+        ("run-name of an existing run", "run-name='faults'", {**new, "run-name": "faults"}, 2),
+        ("resume without a checkpoint", "resume=true run-name='never-ran'", {**new, "run-name": "never-ran", "resume": True}, 2),
+        ("resume with another setting", "resume=true, the run's config but train.lr=0.01", {**lab.configs["bad-nan"], "resume": True, "train.lr": 0.01}, 3),
+        ("resume after the model folder changed (adapters of another model)", "resume=true, same config, other weights in the model folder",
+         {**lab.configs["other-model"], "resume": True, "num-server-rounds": 2}, 2),
+    ]
+    rows = []
+    for case, tried, config, supernodes in cases:
+        before = snapshot(lab.results)
+        try:
+            result, _ = lab.launch(config, supernodes)
+        except FedCrashError as err:
+            happened, message = "refused by the launcher: flwr run not started", f"{type(err).__name__}: {err}"
+        else:
+            found = ERROR.findall(result.output + "\n" + result.details)
+            ours = [m for m in found if m[0] in ("ConfigError", "DataError", "ModelError", "SpecError", "ArtifactError", "PrivacyError", "AdapterError")]
+            happened = f"run {result.status} before any training" if "round 1/" not in result.output else f"NO: training started ({result.status})"
+            message = f"{ours[-1][0]}: {ours[-1][1]}" if ours else f"(no fed-crash error found) {result.details}"
+        unchanged = snapshot(lab.results) == before
+        rows.append(["bad input", f"{case}: `{tried}`", "flwr run" if supernodes == 2 else f"flwr run, {supernodes} clients", happened,
+                     short(message.replace(str(lab.work), "<work>"), 200), "yes: results/ unchanged" if unchanged else "NO: results/ changed"])
+    return rows
+
+
+def table(rows: list[list[str]]) -> str:
+    head = ["#", "kind", "tried", "how", "what happened", "message (excerpt)", "nothing lost"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join([str(i), *row]) + " |" for i, row in enumerate(rows, 1)]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "reliability.md"), help="markdown file whose table (between the markers) is rewritten")
+    parser.add_argument("--work", default="", help="keep the runs in this folder (default: a temporary folder, removed afterwards)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("fed_crash").setLevel(logging.WARNING)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fed-crash-reliability-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        lab = Lab(work)
+        rows = rows_for_faults(lab) + rows_for_bad_updates(lab) + rows_for_bad_inputs(lab)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    minutes = (time.perf_counter() - start) / 60
+    doc = Path(args.doc)
+    text = doc.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{doc} lacks the markers {START} ... {END}")
+    generated = (f"{START}\nProduced by `.venv/bin/python scripts/reliability.py` on {date.today()} ({minutes:.0f} min on this machine).\n\n"
+                 f"{table(rows)}\n{END}")
+    doc.write_text(text[: text.index(START)] + generated + text[text.index(END) + len(END):])
+    failed = [row for row in rows if "NO" in row[3].split() or row[5].startswith("NO") or "NOT" in row[3]]
+    log.info("%d scenarios, %d not handled, in %.0f min: %s", len(rows), len(failed), minutes, doc)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

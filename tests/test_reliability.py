@@ -1,0 +1,465 @@
+"""Reliability and security: injected faults, bad updates, resume, bad input, privacy
+invariants, determinism. The mechanisms are tested one by one on tiny models in one process
+(the server's real ``serve`` and the client's real handlers, Flower's transport replaced by
+``LocalGrid``); ``test_faults_rejections_kill_and_resume_in_real_flwr_runs`` runs them together
+in real ``flwr run`` processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from safetensors.torch import load_file, save_file
+
+from fed_crash.artifacts import ArtifactError, PrivacyError, check_private, save_emulator
+from fed_crash.checkpoint import CHECKPOINT, read_checkpoint, rng_state, set_rng_state
+from fed_crash.config import ConfigError, FaultConfig, FederationConfig
+from fed_crash.data import DataError
+from fed_crash.emulator import EmulatorSpec, SpecError, adapter_state
+from fed_crash.faults import KINDS, FaultPlan, corrupt_update, find_seed
+from fed_crash.federated import EMULATOR_FILES_KEY, EMULATOR_WEIGHTS_KEY, client_train, reproducible, serve
+from fed_crash.launch import check_run_config, flwr_run, free_port
+from fed_crash.models import ModelError
+from strategies import ClientClippingDP, OffsiteStrategy, make_strategy
+from tests.conftest import ROWS, LocalGrid, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+BAD_UPDATES = ("garbage", "nan", "inf", "shape", "dtype", "missing-key", "extra-key")
+RECORDED_AS = {"dropout": "offline", "crash": "error", "timeout": "timeout", "bad-update": "rejected"}  # what the server sees of each fault
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def files_under(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the sha256 of its bytes: to show nothing changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("reliability")
+    tiny_llama().save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * 2)]
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def local_config(files: Path, results: Path, **overrides) -> dict:
+    return {"model": str(files / "model"), "data": str(files / "rows.jsonl"), "results-dir": str(results), "run-name": "r",
+            "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "min-available-nodes": 2, "max-client-examples": 8,
+            "emulator.keep": 2, "emulator.share": False, "train.steps": 2, "train.lr": 0.003, "save-model": False, **overrides}
+
+
+def serve_local(config: dict, nodes: int = 2, ids: list[int] | None = None) -> Path:
+    """The real server and clients in this process (see module docstring)."""
+    grid = LocalGrid(nodes, ids=ids, run_config=config)
+    return serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+
+
+@pytest.fixture(autouse=True)
+def node_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FED_CRASH_NODE_CACHE", str(tmp_path / "nodes"))
+
+
+# --------------------------------------------------------------------------- 1. faults
+
+
+def test_fault_plan_draws_each_fault_at_its_rate_from_seed_partition_and_round_alone():
+    cfg = FaultConfig(seed=3, crash_rate=0.2, timeout_rate=0.1, dropout_rate=0.1, dropout_rounds=3, bad_update_rate=0.3)
+    plan = FaultPlan(cfg)
+    cells = [(p, r) for p in range(100) for r in range(1, 41)]
+    faults = {cell: plan.fault(*cell) for cell in cells}
+    assert {cell: plan.fault(*cell) for cell in reversed(cells)} == faults  # no hidden state
+    for kind, rate in (("crash", 0.2), ("timeout", 0.1), ("dropout", 0.1), ("bad-update", 0.3)):
+        assert np.mean([plan.draw(kind, p, r) < rate for p, r in cells]) == pytest.approx(rate, abs=0.02)
+    for p in range(100):  # a dropout keeps the client offline for dropout-rounds consecutive rounds
+        for r in range(1, 41):
+            window = plan.offline(p, r)
+            assert (faults[p, r] == "dropout") == (window is not None)
+            if window:
+                assert window[1] - window[0] == 2 and window[0] <= r <= window[1]
+                assert all(plan.offline(p, s) for s in range(window[0], min(window[1], 40) + 1))
+    assert set(faults.values()) == {None, *KINDS}
+    other = FaultPlan(dataclasses.replace(cfg, seed=4))
+    assert sum(other.fault(*cell) != faults[cell] for cell in cells) > len(cells) // 4
+    assert not FaultPlan(FaultConfig()).active and all(FaultPlan(FaultConfig()).fault(*cell) is None for cell in cells[:50])
+
+
+def test_a_client_crashes_mid_training_and_the_server_records_it(files, tmp_path):
+    """Every client crashes in every round (crash-rate 1): each round is recorded with the
+    clients' own messages and keeps the previous adapters; the run finishes."""
+    run_dir = serve_local(local_config(files, tmp_path / "results", **{"faults.crash-rate": 1.0, "train.steps": 4}))
+    lines = metrics(run_dir)
+    for line in lines[1:]:
+        assert [f["kind"] for f in line["failures"]] == ["error", "error"] and not line["clients"]
+        assert all(re.search(r"injected crash .* after training step 2 in round \d", f["reason"]) for f in line["failures"])
+        assert line["aggregated"] is False and "previous adapters are kept" in line["note"]
+    first, final = load_file(run_dir / "adapters/round-0.safetensors"), load_file(run_dir / "adapters/final.safetensors")
+    assert all(torch.equal(first[k], final[k]) for k in first)
+
+
+# --------------------------------------------------------------------------- 2. bad updates
+
+
+def test_every_bad_update_is_rejected_by_name_and_the_round_aggregates_the_rest():
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in adapter_state(tiny_llama(), EmulatorSpec(8, 2, 2, kept=(3, 5))).items()}
+    honest = [{k: v + 0.01 * torch.randn_like(v) for k, v in start.items()} for _ in range(2)]
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), RecordDict(), max_update_norm=5.0, settle_s=0)
+    grid = LocalGrid(len(BAD_UPDATES) + 4)  # 2 honest, the bad ones, one that raises, one that never answers
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)}
+    partition = {node: pid for node, pid in strategy.partitions.items()}
+    updates = honest + [corrupt_update(kind, honest[0], start, scale=100.0, seed=1) for kind in BAD_UPDATES]
+    replies = [Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord({"num-examples": 3 + i})}), reply_to=sent[node])
+               for i, (node, update) in enumerate(zip(grid.nodes, updates))]
+    replies.append(Message(Error(code=2, reason="ClientAppException: out of memory"), reply_to=sent[grid.nodes[-2]]))
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    traffic = strategy.rounds[1]
+    failures = {f["partition"]: (f["kind"], f["reason"]) for f in traffic.failures}
+    expected = {"garbage": "update norm .* exceeds max-update-norm 5", "nan": "holds NaN or infinite", "inf": "holds NaN or infinite",
+                "shape": r"has shape \([\d, ]+\), expected \([\d, ]+\)", "dtype": "has dtype float16, expected float32",
+                "missing-key": "1 adapter tensor\\(s\\) missing", "extra-key": "1 tensor\\(s\\) that were not sent"}
+    for i, kind in enumerate(BAD_UPDATES, start=2):
+        assert failures[partition[grid.nodes[i]]][0] == "rejected" and re.search(expected[kind], failures[partition[grid.nodes[i]]][1]), kind
+    assert failures[partition[grid.nodes[-2]]] == ("error", "ClientAppException: out of memory")
+    assert failures[partition[grid.nodes[-1]]] == ("timeout", "no reply within round-timeout 3600s")
+    assert [c["partition"] for c in traffic.clients] == [0, 1] and traffic.aggregated
+    mean = arrays.to_torch_state_dict()
+    for k in start:  # FedAvg of the two honest updates, weighted 3 and 4
+        torch.testing.assert_close(mean[k], (3 * honest[0][k] + 4 * honest[1][k]) / 7)
+    assert all(c["received-norm"] < 5 for c in traffic.clients)
+
+
+def test_too_few_valid_updates_keep_the_previous_adapters():
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), RecordDict(), min_replies=2, settle_s=0)
+    grid = LocalGrid(2)
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), grid))
+    good = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}), "metrics": MetricRecord({"num-examples": 1})}), reply_to=sent[0])
+    assert strategy.aggregate_train(1, [good]) == (None, None)
+    assert strategy.rounds[1].note.startswith("1 valid update(s), fewer than min-replies 2") and not strategy.rounds[1].aggregated
+
+
+def test_one_client_sending_scaled_garbage_moves_fedavg_far_and_the_robust_strategies_little():
+    """Five clients; four honest ones move the adapters by about the same small step, one sends
+    round-start + 100 * noise (finite, right shapes: only a norm bound would catch it, and
+    there is none here). The robust strategies stay near the honest mean, FedAvg does not."""
+    rng = np.random.default_rng(0)
+    start = {"w": torch.zeros(2000)}
+    honest = [{"w": torch.from_numpy((0.05 + 0.01 * rng.standard_normal(2000)).astype(np.float32))} for _ in range(4)]
+    garbage = corrupt_update("garbage", honest[0], start, scale=100.0, seed=0)
+    honest_mean = torch.stack([h["w"] for h in honest]).mean(0)
+    step = float(torch.linalg.norm(honest_mean))
+    shift = {}
+    for name, extra in (("fedavg", {}), ("fedmedian", {}), ("fedtrimmedavg", {"trimmed_beta": 0.2}), ("krum", {"krum_malicious": 1})):
+        strategy = OffsiteStrategy(make_strategy(FederationConfig(strategy=name, min_train_nodes=1, min_available_nodes=1, **extra)), RecordDict(), settle_s=0)
+        grid = LocalGrid(5)
+        sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)}
+        replies = [Message(RecordDict({"arrays": ArrayRecord(u), "metrics": MetricRecord({"num-examples": 10})}), reply_to=sent[node])
+                   for node, u in zip(grid.nodes, [*honest, garbage])]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        shift[name] = float(torch.linalg.norm(arrays.to_torch_state_dict()["w"] - honest_mean)) / step
+    assert shift["fedavg"] > 50, shift  # 1/5 of the garbage: hundreds of honest steps away
+    assert all(shift[name] < 0.5 for name in ("fedmedian", "fedtrimmedavg", "krum")), shift
+
+
+# --------------------------------------------------------------------------- 3. resume
+
+
+def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp_path):
+    """FedAdam (server moments in the checkpoint), partial sampling and injected bad updates:
+    two rounds, then two more with resume=true, equal bitwise to four rounds straight."""
+    common = {"strategy": "fedadam", "fedopt-eta": 0.003, "fraction-train": 0.5, "min-train-nodes": 2, "min-available-nodes": 4,
+              "max-update-norm": 50.0, "faults.bad-update-rate": 0.25, "faults.seed": 1}
+    straight = serve_local(local_config(files, tmp_path / "a", **common, **{"num-server-rounds": 4}), nodes=4)
+    stopped = serve_local(local_config(files, tmp_path / "b", **common), nodes=4)
+    assert json.loads((stopped / CHECKPOINT).read_text())["round"] == 2
+    resumed = serve_local(local_config(files, tmp_path / "b", **common, **{"num-server-rounds": 4, "resume": True}), nodes=4,
+                          ids=random.Random(5).sample(range(1, 2**40), 4))  # a new run: other node ids
+    assert resumed == stopped
+    a, b = load_file(straight / "adapters/final.safetensors"), load_file(resumed / "adapters/final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], load_file(straight / "adapters/round-2.safetensors")[k]) for k in a)
+    assert (resumed / "adapters/round-4.optimizer.safetensors").is_file()
+    assert [reproducible(line)["server"] for line in metrics(resumed)] == [reproducible(line)["server"] for line in metrics(straight)]
+    assert any(line["failures"] for line in metrics(straight))  # the bad updates happened, and were rejected alike
+
+
+def test_checkpoint_rng_and_privacy_accounting_survive_a_resume():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state()))  # it is JSON
+    expected = (random.random(), float(np.random.normal()), float(torch.rand(1)))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(state)
+    assert (random.random(), float(np.random.normal()), float(torch.rand(1))) == expected
+
+    grid = LocalGrid(4)
+    dp = make_strategy(FederationConfig(strategy="fedavg", fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, dp_clipping_norm=1.0))
+    for server_round in (1, 2):
+        sent = list(dp.configure_train(server_round, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), grid))
+        dp.aggregate_train(server_round, [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+                                                             "metrics": MetricRecord({"unit-weight": 1})}), reply_to=m) for m in sent])
+    again = make_strategy(FederationConfig(strategy="fedavg", fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, dp_clipping_norm=1.0))
+    assert isinstance(again, ClientClippingDP)
+    again.restore(json.loads(json.dumps(dp.releases)))
+    assert again.spent[2].epsilon == pytest.approx(dp.spent[2].epsilon) and again.spent[2].num_releases == 2
+
+
+# --------------------------------------------------------------------------- 4. bad input
+
+
+@pytest.fixture(scope="module")
+def finished_run(files, tmp_path_factory):
+    """A finished two-round run to resume (or fail to)."""
+    results = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as mp:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        mp.setenv("FED_CRASH_NODE_CACHE", str(results / "nodes"))
+        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            mp.setattr(TaskIdentity, name, value)
+        return serve_local(local_config(files, results / "results"))
+
+
+def bad_rows(files: Path, tmp_path: Path) -> dict:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps(ROWS[0]), json.dumps(ROWS[1]), json.dumps(ROWS[2]), json.dumps({"instruction": "no output"})]))
+    return {"data": str(path)}
+
+
+def other_model(files: Path, tmp_path: Path) -> dict:
+    """The model folder now holds other weights: the run to resume was cut from another model."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for p in (files / "model").iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    tiny_llama(seed=1).save_pretrained(folder, safe_serialization=True)
+    return {"model": str(folder)}
+
+
+BAD_INPUTS = [  # (case, overrides or a function of (files, tmp_path) giving them, error, message)
+    ("unknown key", {"emulator.keep-ration": 0.5}, ConfigError, r"unknown key 'emulator.keep-ration'; did you mean 'emulator.keep-ratio'"),
+    ("key outside its section", {"keep-ratio": 0.5}, ConfigError, r"unknown key 'keep-ratio'; did you mean 'emulator.keep-ratio'"),
+    ("wrong type", {"train.lr": "fast"}, ConfigError, r"\[train\]: 'lr' must be float, got str 'fast'"),
+    ("out of range", {"faults.crash-rate": 1.5}, ConfigError, r"\[faults\]: 'crash-rate' must be in \[0.0, 1.0\], got 1.5"),
+    ("missing data file", {"data": "/no/rows.jsonl"}, DataError, "data file /no/rows.jsonl does not exist"),
+    ("missing model", {"model": "/no/model"}, ModelError, "model path '/no/model' does not exist"),
+    ("malformed row", bad_rows, DataError, "bad.jsonl: row 3: "),
+    ("more clients than examples", {"num-supernodes": 60}, DataError, "60 clients but only 56 client examples"),
+    ("emulator spec does not fit", {"emulator.keep": 99}, SpecError, "cannot keep 99 layers: the middle span has 4 layers"),
+    ("emulator keeps the full model", {"emulator.keep": 4}, PrivacyError, "keeps all 4 middle layers: clients would receive the full model"),
+    ("existing run folder", {"run-name": "r"}, ConfigError, "already exists and is not empty; choose another run-name, or resume=true"),
+    ("resume without checkpoint", {"run-name": "nothing", "resume": True}, ConfigError, "checkpoint.json does not exist"),
+    ("resume with another config", {"run-name": "r", "resume": True, "train.lr": 0.01}, ConfigError,
+     r"differs from .*config.json in train.lr \(train.lr was 0.003, now 0.01\)"),
+    ("resume with another model", lambda f, t: {"run-name": "r", "resume": True, **other_model(f, t)}, ConfigError, r"differs from .*config.json in model \(model was '.*', now '.*'\)"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, error, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_fails_before_training_naming_what_is_wrong_and_writes_nothing(files, finished_run, tmp_path, case, overrides, error, message):
+    """Each bad input fails where a user starts a run (the flwr-run launcher for keys and
+    values, the server for files, data, spec, clients and checkpoints) before any training, and
+    the results folder, which holds a finished run, is byte for byte what it was."""
+    overrides = overrides(files, tmp_path) if callable(overrides) else dict(overrides)
+    nodes = overrides.pop("num-supernodes", 2)
+    config = {**local_config(files, finished_run.parent, **{"run-name": "new"}), **overrides}
+    before = files_under(finished_run.parent)
+    with pytest.raises(error, match=message):
+        check_run_config(config)  # what flwr_run (fed-crash simulate, experiments) checks first
+        serve_local(config, nodes=nodes)
+    assert files_under(finished_run.parent) == before
+
+
+def test_a_checkpoint_of_another_model_or_with_changed_files_is_refused(files, finished_run, tmp_path):
+    """Resuming needs the same model, byte for byte, and checkpoint files as written."""
+    run = tmp_path / "results" / "r"
+    run.parent.mkdir()
+    run.mkdir()
+    for p in finished_run.rglob("*"):
+        if p.is_file():
+            (run / p.relative_to(finished_run)).parent.mkdir(parents=True, exist_ok=True)
+            (run / p.relative_to(finished_run)).write_bytes(p.read_bytes())
+    config = local_config(files, run.parent, **{"resume": True, "num-server-rounds": 3})
+    model = other_model(files, tmp_path)["model"]  # same path in the config, other weights in it
+    config_file = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config_file, "fed": {**config_file["fed"], "model": model}}))
+    with pytest.raises(ArtifactError, match=r"emulator.json was cut from a model with weights sha256 \w+, but model '.*' has \w+: the run to resume belongs to another model"):
+        serve_local({**config, "model": model})
+    adapters = run / json.loads((run / CHECKPOINT).read_text())["adapters"]
+    state = load_file(adapters)
+    save_file({k: v + 1 for k, v in state.items()}, str(adapters))
+    with pytest.raises(ArtifactError, match=r"round-2.safetensors changed after checkpoint round 2 was written"):
+        read_checkpoint(run)
+    assert not (run / "adapters/round-3.safetensors").exists()
+
+
+def test_unknown_keys_are_named_before_flwr_run_starts(tmp_path):
+    """Flower refuses a key the app's pyproject lacks with only "Invalid run configuration";
+    the launcher names it first, and the pyproject lists every key of the schema."""
+    from fed_crash.config import run_config_keys
+    from fed_crash.launch import app_run_config
+
+    assert sorted(app_run_config()) == run_config_keys()
+    with pytest.raises(ConfigError, match=r"unknown key 'faults.crash_rat'; did you mean 'faults.crash-rate'"):
+        flwr_run("faults.crash_rat=0.5", flwr_home=tmp_path / "flwr")
+    assert not (tmp_path / "flwr").exists()  # nothing was started
+
+
+# --------------------------------------------------------------------------- 5. privacy
+
+
+def test_a_payload_with_a_removed_layer_or_a_checkpoint_file_is_refused(tmp_path, tokenizer):
+    model = tiny_llama()
+    spec = EmulatorSpec(8, 2, 2, kept=(3, 5), share=False)
+    folder = save_emulator(tmp_path / "emulator", model, tokenizer, spec, source_id="tiny")
+    weights = load_file(folder / "emulator.safetensors")
+    names = [p.name for p in folder.iterdir() if p.suffix != ".safetensors"]
+    check_private(weights, names, model, spec)  # what save_emulator writes passes
+
+    removed = "model.layers.4.mlp.up_proj.weight"
+    with pytest.raises(PrivacyError, match=f"'{re.escape(removed)}' is not part of the emulator"):
+        check_private({**weights, removed: model.state_dict()[removed]}, names, model, spec)
+    renamed = {**weights, "model.layers.3.mlp.up_proj.weight": model.state_dict()[removed].clone()}
+    with pytest.raises(PrivacyError, match=f"holds the weights of removed layer tensor '{re.escape(removed)}'"):
+        check_private(renamed, names, model, spec)
+    for name in ("pytorch_model.bin", "model.pt", "../config.json"):
+        with pytest.raises(PrivacyError, match="only plain .json/.txt/.jinja/.model files"):
+            check_private(weights, [*names, name], model, spec)
+
+
+def test_a_tampered_emulator_is_refused_on_arrival_and_nothing_is_stored(tmp_path, tokenizer):
+    model = tiny_llama()
+    spec = EmulatorSpec(8, 2, 2, kept=(3, 5))
+    folder = save_emulator(tmp_path / "emulator", model, tokenizer, spec, source_id="tiny")
+    weights = load_file(folder / "emulator.safetensors")
+    weights["model.layers.3.mlp.up_proj.weight"] = weights["model.layers.3.mlp.up_proj.weight"] + 1e-3
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".safetensors"}
+    content = RecordDict({EMULATOR_WEIGHTS_KEY: ArrayRecord(weights), EMULATOR_FILES_KEY: ConfigRecord(files),
+                          "arrays": ArrayRecord(adapter_state(model, spec)), "config": ConfigRecord({"server-round": 1})})
+    server = LocalGrid(1)
+    message = Message(content, dst_node_id=1, message_type="train")
+    context = server.contexts[1]
+    with pytest.raises(ArtifactError, match="does not match its manifest's weights_sha256 .*nothing was stored"):
+        client_train(message, context)
+    assert not (tmp_path / "nodes").exists()
+
+
+def test_no_pickle_anywhere_and_torch_loads_only_weights():
+    """Every artifact is safetensors or JSON: no module uses pickle (or numpy's pickled
+    arrays), and any torch.load must say weights_only=True."""
+    root = Path(__file__).resolve().parents[1]
+    for path in [p for d in ("fed_crash", "strategies", "simulations", "scripts", "benchmarks") for p in (root / d).rglob("*.py")]:
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+        assert not re.search(r"allow_pickle\s*=\s*True", text), path
+        for call in re.findall(r"torch\.load\((.*)\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+def assert_only_data_files(*folders: Path) -> None:
+    """Only safetensors, JSON (and JSONL), tokenizer text, markdown and PNG; none pickled."""
+    for folder in folders:
+        for path in (p for p in folder.rglob("*") if p.is_file()):
+            assert path.suffix in (".safetensors", ".json", ".jsonl", ".txt", ".jinja", ".md", ".png"), path
+            assert not path.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK"), path
+
+
+# --------------------------------------------------------------------------- 6. determinism
+
+
+def test_same_config_and_seed_give_the_same_metrics_whatever_the_node_ids(files, tmp_path):
+    config = {"fraction-train": 0.5, "min-train-nodes": 2, "min-available-nodes": 4, "faults.crash-rate": 0.3, "faults.seed": 2}
+    runs = [serve_local(local_config(files, tmp_path / name, **config), nodes=4, ids=random.Random(seed).sample(range(1, 2**40), 4))
+            for name, seed in (("a", 1), ("b", 2))]
+    a, b = (metrics(run) for run in runs)
+    assert [reproducible(line) for line in a] == [reproducible(line) for line in b]
+    assert all(len(line["clients"]) + len(line["failures"]) == 2 for line in a[1:])  # 2 of the 4 sampled per round
+    assert any(line["failures"] for line in a[1:])
+    first, second = (load_file(run / "adapters/final.safetensors") for run in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert_only_data_files(*runs, tmp_path / "nodes")
+
+
+# --------------------------------------------------------------------------- the running system
+
+
+def telling(table: dict[tuple[int, int], str | None]) -> bool:
+    """Faults that make a telling run of 3 clients and 4 rounds: every kind happens, timeouts
+    only in round 3 (a run stopped after round 2 is stopped while the server waits them out),
+    a round in which every client fails, and some update in rounds 1-2 and in round 4."""
+    ok = {r: sum(table[p, r] is None for p in range(3)) for r in range(1, 5)}
+    return (set(table.values()) >= set(KINDS) and {r for (_, r), kind in table.items() if kind == "timeout"} == {3}
+            and 0 in ok.values() and ok[1] + ok[2] > 0 and ok[4] > 0)
+
+
+@pytest.mark.slow
+def test_faults_rejections_kill_and_resume_in_real_flwr_runs(files, tmp_path):
+    """Three real ``flwr run``s of four FedAdam rounds on 3 simulated clients with every kind
+    of injected fault: A uninterrupted; B the same, killed (SuperLink, ServerApp and Ray
+    processes, SIGKILL) once round 2 is logged; C resumes B. A records each fault as the plan says and keeps the previous adapters
+    when every client failed; B's first rounds equal A's (determinism); C ends where A ended."""
+    faults = FaultConfig(crash_rate=0.2, timeout_rate=0.1, dropout_rate=0.15, dropout_rounds=2, bad_update_rate=0.2)
+    faults = dataclasses.replace(faults, seed=find_seed(faults, 3, 4, telling))
+    plan = FaultPlan(faults)
+    config = {"model": str(files / "model"), "data": str(files / "rows.jsonl"), "results-dir": str(tmp_path / "results"), "run-name": "a",
+              "eval-examples": 8, "max-length": 256, "num-server-rounds": 4, "fraction-train": 1.0, "min-train-nodes": 3,
+              "min-available-nodes": 3, "max-client-examples": 16, "emulator.keep": 2, "emulator.share": False, "train.steps": 4,
+              "train.lr": 0.003, "strategy": "fedadam", "fedopt-eta": 0.003, "save-model": False, "round-timeout": 20.0,
+              "max-update-norm": 50.0, **{f"faults.{f.name.replace('_', '-')}": getattr(faults, f.name) for f in dataclasses.fields(faults)}}
+
+    def launch(name: str, **kw):
+        home = tmp_path / f"flwr-{len(list(tmp_path.glob('flwr-*')))}"  # a fresh SuperLink state for every run
+        result = flwr_run({**config, "run-name": name, **kw.pop("overrides", {})}, num_supernodes=3, flwr_home=home,
+                          port_base=free_port(), env={"FED_CRASH_NODE_CACHE": str(tmp_path / f"nodes-{name}")}, timeout=300, **kw)
+        return result, tmp_path / "results" / name
+
+    result, a = launch("a")
+    assert result.ok, result.output[-3000:]
+    lines = metrics(a)
+    assert [line["round"] for line in lines] == [0, 1, 2, 3, 4]
+    for line in lines[1:]:
+        r = line["round"]
+        expected = {p: RECORDED_AS[kind] for p in range(3) if (kind := plan.fault(p, r))}
+        assert {f["partition"]: f["kind"] for f in line["failures"]} == expected, (r, line["failures"])
+        assert sorted(c["partition"] for c in line["clients"]) == sorted(set(range(3)) - set(expected))
+        for f in line["failures"]:
+            assert re.search({"offline": r"offline in rounds \d-\d", "error": "injected crash", "timeout": "no reply within round-timeout 20s",
+                              "rejected": "update norm .* exceeds max-update-norm 50"}[f["kind"]], f["reason"]), f
+        previous, now = (load_file(a / f"adapters/round-{i}.safetensors") for i in (r - 1, r))
+        assert line["aggregated"] == bool(line["clients"]) == any(not torch.equal(previous[k], now[k]) for k in now), r
+    assert f"round 3/4 | clients {len(lines[3]['clients'])} ok {len(lines[3]['failures'])} failed" in result.output
+    assert_only_data_files(a, tmp_path / "nodes-a")
+
+    result, b = launch("b", kill_when=lambda line: "round 2/4 |" in line)
+    assert result.status == "killed" and not (b / "adapters/final.safetensors").exists(), result.output[-3000:]
+    stopped_at = json.loads((b / CHECKPOINT).read_text())["round"]
+    assert stopped_at in (2, 3)
+    assert [reproducible(line) for line in metrics(b)][: stopped_at + 1] == [reproducible(line) for line in lines][: stopped_at + 1]
+
+    result, c = launch("b", overrides={"resume": True})
+    assert result.ok and c == b, result.output[-3000:]
+    assert f"resuming {b} after round {stopped_at} of 4" in result.output
+    resumed = metrics(c)
+    assert [line["round"] for line in resumed] == [0, 1, 2, 3, 4]
+    for mine, theirs in zip(resumed, lines):  # the same rounds; a resumed run sends the emulator again (new nodes)
+        assert reproducible(mine)["server"] == reproducible(theirs)["server"]
+        assert reproducible(mine["clients"]) == reproducible(theirs["clients"]) and reproducible(mine["failures"]) == reproducible(theirs["failures"])
+    final_a, final_c = load_file(a / "adapters/final.safetensors"), load_file(c / "adapters/final.safetensors")
+    assert all(torch.equal(final_a[k], final_c[k]) for k in final_a)
