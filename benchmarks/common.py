@@ -149,7 +149,12 @@ def run_app(overrides: dict[str, Any], *, work: Path, name: str, supernodes: int
             timeout: float = 1800, attempts: int = 2) -> tuple[Path, list[dict]]:
     """One real ``flwr run`` of the app (SuperLink, ServerApp, Ray actors) with ``overrides``;
     returns the run folder and its ``metrics.jsonl`` lines. A failed run is retried once (other
-    jobs on a shared machine may stop Ray under it); a second failure raises with the output."""
+    jobs on a shared machine may stop Ray under it); a second failure raises with the output.
+
+    Ray starts its workers at niceness 15 (``RAY_worker_niceness``): on a machine shared with
+    other jobs the client actors then get a small share of the CPU whenever anything at the
+    default priority is busy, and a client's step time measures the other jobs, not Flower.
+    Benchmarks run the workers at niceness 0, the priority every other process here has."""
     from fed_crash.launch import flwr_run
 
     for attempt in range(attempts):
@@ -157,7 +162,8 @@ def run_app(overrides: dict[str, Any], *, work: Path, name: str, supernodes: int
         config = {"data": str(ALPACA), **overrides, "results-dir": str(work.resolve() / "results"), "run-name": run_name}
         result = flwr_run(config, num_supernodes=supernodes, cpus_per_client=cpus_per_client, flwr_home=work.resolve() / "flwr",
                           port_base=free_port(), timeout=timeout,
-                          env={"FED_CRASH_NODE_CACHE": str(work.resolve() / "nodes" / run_name), "FED_CRASH_ROOT": str(REPO)})
+                          env={"FED_CRASH_NODE_CACHE": str(work.resolve() / "nodes" / run_name), "FED_CRASH_ROOT": str(REPO),
+                               "RAY_worker_niceness": "0"})
         run_dir = work.resolve() / "results" / run_name
         if result.ok:
             lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

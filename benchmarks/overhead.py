@@ -3,12 +3,17 @@ against the same steps in a plain PyTorch loop on the same emulator and the same
 
 Each repeat is one real `flwr run` of the app on the default model (one supernode whose Ray
 actor gets --cpus cores, one round of --steps steps; the app's emulator, batch size and
-length), then, in this process, a plain loop (response-token loss, backward, gradient clipping,
-AdamW step) over exactly the batches the client trained on: the run's emulator folder, the
-client's shard, its seed, and as many torch threads as the client reported. Both sides time
-the same span of every step and take the median after the first step (which pays for lazy
-allocations), so one-time costs (model load, emulator transfer, tokenization) are excluded.
-The figure is the median over repeats of client step / plain step.
+length). In this process, a plain loop (response-token loss, backward, gradient clipping,
+AdamW step) runs over exactly the batches the client trained on (its shard and seed; the first
+step's loss must match the client's) on the same emulator (an emulator folder cut the way the
+app cuts it, checked byte for byte against the run's by content hash), with as many torch
+threads as the client had. Runs and plain loops alternate, plain first and last, and each
+client is compared with the mean of the plain loops right before and after it, so that slow
+drifts of a shared machine's load cancel. Both sides time the same span of every step and take
+the median after the first step (which pays for lazy allocations): one-time costs (model load,
+emulator transfer, tokenization) are excluded. The figure is the median over repeats of
+client step / plain step. Ray's workers run at niceness 0 like this process (see
+common.run_app).
 
     python benchmarks/overhead.py --repeats 3 --steps 12
 
@@ -17,6 +22,7 @@ Goal: at most 1.10x.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import replace
@@ -28,8 +34,8 @@ import common  # noqa: E402
 GOAL = 1.10
 
 
-def plain_steps(run_dir: Path, overrides: dict, threads: int) -> tuple[list[float], float]:
-    """Seconds per step of a plain loop over the batches client 0 of 1 trained on in round 1,
+def plain_steps(folder: Path, overrides: dict, threads: int) -> tuple[list[float], float]:
+    """Seconds per step of a plain loop over the batches client 0 of 1 trains on in round 1,
     and the first step's loss (equal to the client's when the batches and weights are)."""
     import torch
 
@@ -41,7 +47,7 @@ def plain_steps(run_dir: Path, overrides: dict, threads: int) -> tuple[list[floa
 
     torch.set_num_threads(threads)
     cfg = common.run_config(overrides)
-    emulator, tokenizer, _ = load_emulator(run_dir / "emulator")
+    emulator, tokenizer, _ = load_emulator(folder)
     pool = server_and_client_rows(load_instructions(cfg.data.data), cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
     examples = tokenize(client_shard(pool, cfg.fed, 0, 1, seed=cfg.data.seed), tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
     train = replace(cfg.train, seed=cfg.train.seed + 1000 * 1 + 0)  # what client_train uses in round 1 for partition 0
@@ -66,7 +72,7 @@ def plain_steps(run_dir: Path, overrides: dict, threads: int) -> tuple[list[floa
 
 
 def main() -> None:
-    import os
+    from fed_crash.artifacts import read_manifest
 
     p = common.parser(__doc__, "overhead")
     p.add_argument("--steps", type=int, default=12, help="local steps per run; the median is over all but the first (default: 12)")
@@ -75,24 +81,31 @@ def main() -> None:
     work = Path(args.work)
     overrides = {"data": str(common.ALPACA), "num-server-rounds": 1, "fraction-train": 1.0, "min-train-nodes": 1, "min-available-nodes": 1,
                  "eval-examples": 8, "save-model": False, "train.steps": args.steps}
+    folder = common.emulator_folder(work, "app-default", {})
+    plain = [plain_steps(folder, overrides, args.cpus)]  # Ray gives the actor OMP_NUM_THREADS = its CPUs (checked below)
     repeats = []
     for r in range(args.repeats):
         run_dir, lines = common.run_app(overrides, work=work, name="overhead", supernodes=1, cpus_per_client=args.cpus)
         client = common.clients_of(lines, [1])[0]
-        plain, first_loss = plain_steps(run_dir, overrides, int(client["threads"]))
+        if read_manifest(run_dir / "emulator")["weights_sha256"] != read_manifest(folder)["weights_sha256"] or int(client["threads"]) != args.cpus:
+            raise RuntimeError(f"the run's emulator or thread count ({client['threads']}) differs from the plain loop's")
+        plain.append(plain_steps(folder, overrides, args.cpus))
+        (before, first_loss), (after, _) = plain[-2], plain[-1]
         if abs(first_loss - client["first-loss"]) > 1e-3:
             raise RuntimeError(f"the plain loop did not see the client's batches: first loss {first_loss:.5f} vs {client['first-loss']:.5f}")
-        plain_step = common.median(plain[1:])
+        plain_step = (common.median(before[1:]) + common.median(after[1:])) / 2
         repeats.append({"client_step_s": client["step-seconds"], "plain_step_s": plain_step, "ratio": client["step-seconds"] / plain_step,
-                        "client_threads": int(client["threads"]), "client_train_s": client["seconds"], "plain_steps_s": plain,
+                        "client_threads": int(client["threads"]), "client_train_s": client["seconds"], "plain_before_s": before, "plain_after_s": after,
                         "client_load_s": client["load-seconds"], "client_data_s": client["data-seconds"], "client_delivery_s": client["delivery-seconds"],
-                        "client_peak_rss_mib": client["peak-rss-mib"]})
+                        "client_peak_rss_mib": client["peak-rss-mib"], "load_average": os.getloadavg()})
         print(f"repeat {r + 1}: client {client['step-seconds']:.3f} s/step, plain {plain_step:.3f} s/step, ratio {repeats[-1]['ratio']:.3f}", flush=True)
     ratio = common.median(x["ratio"] for x in repeats)
-    rows = [(i + 1, f"{x['client_step_s']:.3f}", f"{x['plain_step_s']:.3f}", f"{x['ratio']:.3f}x", x["client_threads"]) for i, x in enumerate(repeats)]
+    rows = [(i + 1, f"{x['client_step_s']:.3f}", f"{x['plain_step_s']:.3f}", f"{x['ratio']:.3f}x", x["client_threads"], f"{x['load_average'][0]:.1f}")
+            for i, x in enumerate(repeats)]
     rows.append(("median", f"{common.median(x['client_step_s'] for x in repeats):.3f}", f"{common.median(x['plain_step_s'] for x in repeats):.3f}",
-                 f"**{ratio:.3f}x**", ""))
-    text = common.table(["repeat", "Flower client under Ray (s/step)", "plain PyTorch loop (s/step)", "client / plain", "torch threads"], rows)
+                 f"**{ratio:.3f}x**", "", ""))
+    text = common.table(["repeat", "Flower client under Ray (s/step)", "plain PyTorch loop, mean of before and after (s/step)", "client / plain",
+                         "torch threads", "load average (1 min)"], rows)
     text += f"\n\nGoal: at most {GOAL:.2f}x: {'met' if ratio <= GOAL else 'NOT met'} ({ratio:.3f}x)."
     common.finish(args, "overhead", {"ratio": ratio, "goal": GOAL, "met": ratio <= GOAL, "repeats_detail": repeats, "run_config": overrides}, text)
 

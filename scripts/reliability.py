@@ -124,8 +124,8 @@ def rows_for_faults(lab: Lab) -> list[list[str]]:
     complete = result.ok and all((a / f"adapters/round-{r}.safetensors").is_file() for r in range(5)) and (a / "adapters/final.safetensors").is_file()
     kept = "run finished; adapters, metrics and checkpoint of every round written" if complete else f"NO: run {result.status}"
     rates = {"crash": faults.crash_rate, "timeout": faults.timeout_rate, "dropout": faults.dropout_rate, "bad-update": faults.bad_update_rate}
-    option = {"crash": "faults.crash-rate", "timeout": "faults.timeout-rate (round-timeout 15 s)", "dropout": "faults.dropout-rate, dropout-rounds 2",
-              "bad-update": "faults.bad-update-rate, garbage x100, max-update-norm 50"}
+    option = {"crash": "faults.crash-rate", "timeout": "faults.timeout-rate (round-timeout 15 s)", "dropout": "faults.dropout-rate (dropout-rounds 2)",
+              "bad-update": "faults.bad-update-rate (garbage x100, max-update-norm 50)"}
     seen = {"crash": "error", "timeout": "timeout", "dropout": "offline", "bad-update": "rejected"}
     plan = FaultPlan(faults)
     rows = []
@@ -133,13 +133,13 @@ def rows_for_faults(lab: Lab) -> list[list[str]]:
         hits = [(line, f) for line in lines[1:] for f in line["failures"] if f["kind"] == seen[kind]]
         planned = [(p, r) for p in range(3) for r in range(1, 5) if plan.fault(p, r) == kind]
         if not hits:
-            rows.append(["fault", f"{kind} ({option[kind]} {rates[kind]})", "flwr run, 3 clients, 4 rounds", f"NOT SEEN (planned {planned})", "", kept])
+            rows.append(["fault", f"{kind}: {option[kind]} = {rates[kind]}", "flwr run, 3 clients, 4 rounds", f"NOT SEEN (planned {planned})", "", kept])
             continue
         line, failure = hits[0]
         others = len(line["clients"])
         outcome = (f"round {line['round']}: client {failure['partition']} recorded as `{failure['kind']}` in metrics.jsonl; "
                    + (f"the round aggregated the other {others} client(s)" if line["aggregated"] else "the round kept the previous adapters"))
-        rows.append(["fault", f"{kind} ({option[kind]} {rates[kind]}; hit clients/rounds {planned})", "flwr run, 3 clients, 4 rounds",
+        rows.append(["fault", f"{kind}: {option[kind]} = {rates[kind]} (hits client, round: {planned})", "flwr run, 3 clients, 4 rounds",
                      outcome, short(failure["reason"]), kept])
     for line in lines[1:]:
         if not line["clients"]:
@@ -180,8 +180,14 @@ def rows_for_bad_updates(lab: Lab) -> list[list[str]]:
         result, run = lab.run(f"byzantine-{strategy}", **{"num-server-rounds": 1, "strategy": strategy, "faults.bad-update-rate": 0.3,
                                                            "faults.seed": seed, "faults.bad-update": "garbage"})
         lines = metrics(run) if result.ok else []
-        outcome = (f"aggregated ({len(lines[1]['clients'])} clients); plug-in loss {lines[0]['server']['plugin_loss']:.3f} -> "
-                   f"{lines[1]['server']['plugin_loss']:.3f}" if lines else f"failed: {result.status}")
+        if lines:
+            before, after = (load_file(run / f"adapters/round-{r}.safetensors") for r in (0, 1))
+            moved = sum(float(((after[k].double() - before[k].double()) ** 2).sum()) for k in after) ** 0.5
+            norms = sorted(c["received-norm"] for c in lines[1]["clients"])
+            outcome = (f"aggregated all {len(norms)}: the adapters moved {moved:.3g} (honest updates {norms[0]:.2g}, {norms[1]:.2g}; "
+                       f"the garbage {norms[-1]:.3g})")
+        else:
+            outcome = f"failed: {result.status}"
         rows.append(["bad update", f"garbage x100 from 1 client of 3, no norm bound, {strategy}", "flwr run", outcome,
                      "", "run finished" if result.ok else "NO"])
     return rows
