@@ -89,7 +89,7 @@ class EvalConfig:
 @dataclass
 class FederationConfig:
     model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
-    cache_dir: str = opt("", "model cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
+    cache_dir: str = opt("", "model and CKA-similarity cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     num_server_rounds: int = opt(3, "federated rounds", min=1)
     strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum")
     proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss")

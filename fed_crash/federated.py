@@ -57,7 +57,7 @@ from .emulator import AdapterError, Emulator, EmulatorSpec, adapter_state, build
 from .errors import FedCrashError
 from .faults import FaultPlan, corrupt_update, crash_midway, stall
 from .fedbiot import align_emulator
-from .models import load_model, resolve_device, state_hash
+from .models import default_cache_dir, load_model, resolve_device, state_hash
 from .partition import make_partitioner, partition_rows, server_and_client_rows
 from .pipeline import calibration_rows, needs_calibration, plan_emulator
 from .train import evaluate, proximal_term, train_adapters
@@ -396,7 +396,8 @@ def serve(grid: Grid, context: Context) -> Path:
         spec = resume_from(checkpoint, model, cfg.fed.model)
         similarity = torch.tensor(checkpoint.manifest["similarity"]) if checkpoint.manifest.get("similarity") else None
     else:
-        spec, similarity = plan_emulator(model, tokenizer, parts["calibration"], cfg.data, cfg.emulator, progress=cfg.fed.progress)
+        spec, similarity = plan_emulator(model, tokenizer, parts["calibration"], cfg.data, cfg.emulator, progress=cfg.fed.progress,
+                                         cache=Path(cfg.fed.cache_dir) if cfg.fed.cache_dir else default_cache_dir())
     check_cut(spec)
     laps.mark("emulator_plan")
     log.info("%s", spec.describe())

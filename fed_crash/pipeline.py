@@ -7,21 +7,24 @@ wiring the library's pieces together in the order offsite-tuning needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .artifacts import save_adapters, save_emulator
 from .cka import cka_matrix, layer_features
 from .config import DataConfig, EmulatorConfig, TrainConfig, TuneSizes, to_dict
-from .data import batches, load_instructions, pad_id, split_rows, tokenize
+from .data import Tokenized, batches, load_instructions, pad_id, split_rows, tokenize
 from .emulator import EmulatorSpec, build_emulator, make_spec, plug_in
-from .models import get_layers, load_model
+from .models import get_layers, load_model, state_hash
 from .search import Probe, search_kept
 from .train import evaluate, train_adapters
 
@@ -29,16 +32,41 @@ log = logging.getLogger(__name__)
 
 
 def layer_similarity(
-    model, tokenizer, rows: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True
+    model, tokenizer, rows: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True,
+    cache: Path | None = None,
 ) -> torch.Tensor:
     """L x L linear CKA of the decoder layers' pooled outputs on ``rows`` (prompt + response,
-    formatted like training data)."""
+    formatted like training data).
+
+    With ``cache`` (a folder) the matrix is kept in ``<cache>/similarity/<key>.safetensors``,
+    keyed by everything it depends on (the model's weights, the token ids, the pooling settings,
+    the batch size, the device type), so an experiment whose cells share model and calibration
+    rows runs CKA once instead of once per cell."""
     examples = tokenize(rows, tokenizer, max_length=data.max_length, template=data.template)
+    path = cache / "similarity" / f"{_similarity_key(model, examples, emu)}.safetensors" if cache is not None else None
+    if path is not None and path.is_file():
+        log.info("CKA similarity of %d calibration rows from the cache %s", len(examples), path)
+        return load_file(str(path))["similarity"]
     feats = layer_features(
         model, batches(examples, emu.calib_batch_size, pad_id(tokenizer)), pooling=emu.pooling, skip_first=emu.skip_first,
         outlier=emu.outlier_norm, progress=progress,
     )
-    return cka_matrix(feats).float()
+    similarity = cka_matrix(feats).float()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs never read a half-written file
+        save_file({"similarity": similarity.contiguous()}, str(partial))
+        partial.replace(path)
+    return similarity
+
+
+def _similarity_key(model, examples: Sequence[Tokenized], emu: EmulatorConfig) -> str:
+    digest = hashlib.sha256(state_hash(model.state_dict()).encode())
+    settings = [emu.pooling, emu.skip_first, emu.outlier_norm, emu.calib_batch_size, next(model.parameters()).device.type]
+    digest.update(json.dumps(settings).encode())
+    for example in examples:
+        digest.update(json.dumps([example.input_ids, example.labels]).encode())
+    return digest.hexdigest()[:32]
 
 
 def needs_calibration(emu: EmulatorConfig) -> bool:
@@ -60,18 +88,19 @@ def search_probe(model, tokenizer, calibration: Sequence[dict[str, str]], data: 
 
 def plan_emulator(
     model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True,
-    similarity: torch.Tensor | None = None, probe: Probe | None = None,
+    similarity: torch.Tensor | None = None, probe: Probe | None = None, cache: Path | None = None,
 ) -> tuple[EmulatorSpec, torch.Tensor | None]:
     """The emulator spec for ``model``. CRaSh clusters the layers by CKA on ``calibration``;
     search starts from the uniform and CRaSh sets and lowers the divergence from the full model
     on the first ``search_samples`` calibration rows (:mod:`fed_crash.search`). A caller that
-    plans several emulators on the same rows passes the ``similarity`` and ``probe`` it has."""
+    plans several emulators on the same rows passes the ``similarity`` and ``probe`` it has;
+    ``cache`` keeps the CKA matrix between runs (:func:`layer_similarity`)."""
     selection: dict = {}
     if needs_calibration(emu):
         if not calibration:
             raise ValueError(f"method {emu.method!r} needs calibration samples (calib_samples > 0)")
         if similarity is None:
-            similarity = layer_similarity(model, tokenizer, calibration, data, emu, progress=progress)
+            similarity = layer_similarity(model, tokenizer, calibration, data, emu, progress=progress, cache=cache)
         selection = {"calibration_samples": len(calibration), "pooling": emu.pooling, "skip_first": emu.skip_first, "outlier_norm": emu.outlier_norm}
 
     def spec_of(method: str) -> EmulatorSpec:

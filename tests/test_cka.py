@@ -87,3 +87,29 @@ def test_sink_exclusion_changes_pooled_vectors_only_through_the_excluded_positio
     expected = hidden[0, [1, 3]].mean(0)
     assert torch.allclose(pool(sink, mask, "mean", skip_first=1, outlier=10.0)[0], expected)
     assert torch.allclose(pool(hidden, mask, "mean", skip_first=1, outlier=10.0), pooled)  # no outliers: no change
+
+
+def test_similarity_cache_returns_the_computed_matrix_and_is_keyed_by_what_it_depends_on(tiny_model, tokenizer, tmp_path):
+    """A second call with the same model, rows and pooling reads the cache (no forward pass);
+    other pooling settings or other weights compute afresh."""
+    from fed_crash.config import DataConfig, EmulatorConfig
+    from fed_crash.models import get_layers
+    from fed_crash.pipeline import layer_similarity
+
+    data, emu = DataConfig(data="unused", max_length=256), EmulatorConfig(method="crash", calib_batch_size=4)
+    forwards = []
+    get_layers(tiny_model)[0].register_forward_pre_hook(lambda *_: forwards.append(1))
+    first = layer_similarity(tiny_model, tokenizer, ROWS[:8], data, emu, progress=False, cache=tmp_path)
+    calls = len(forwards)
+    assert calls > 0 and len(list((tmp_path / "similarity").glob("*.safetensors"))) == 1
+    again = layer_similarity(tiny_model, tokenizer, ROWS[:8], data, emu, progress=False, cache=tmp_path)
+    assert len(forwards) == calls and torch.equal(again, first)
+    assert torch.equal(layer_similarity(tiny_model, tokenizer, ROWS[:8], data, emu, progress=False), first)  # uncached: same values
+    from dataclasses import replace
+
+    layer_similarity(tiny_model, tokenizer, ROWS[:8], data, replace(emu, skip_first=0), progress=False, cache=tmp_path)
+    layer_similarity(tiny_model, tokenizer, ROWS[:6], data, emu, progress=False, cache=tmp_path)
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(0.01)
+    layer_similarity(tiny_model, tokenizer, ROWS[:8], data, emu, progress=False, cache=tmp_path)
+    assert len(list((tmp_path / "similarity").glob("*.safetensors"))) == 4
