@@ -57,9 +57,8 @@ def child(payload: dict) -> None:
     after_load = common.rss_mib()
     examples = tokenize(payload["rows"], tokenizer, max_length=payload["max_length"])
     if payload["kind"] == "emulator":
-        train_adapters(emulator, examples, pad_id(tokenizer), TrainConfig(steps=payload["steps"], batch_size=payload["batch_size"],
-                                                                          lora_rank=payload["lora_rank"]), progress=False)
-        trainable = sum(p.numel() for p in emulator.trainable_parameters())
+        trainable = train_adapters(emulator, examples, pad_id(tokenizer), TrainConfig(steps=payload["steps"], batch_size=payload["batch_size"],
+                                                                                      lora_rank=payload["lora_rank"]), progress=False)["trainable"]
     else:
         if payload["kind"] == "full-lora":
             from peft import LoraConfig, get_peft_model

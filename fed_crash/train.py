@@ -210,6 +210,7 @@ def train_adapters(
         "first_loss": losses[0],
         "steps": step,
         "examples": len(examples),
+        "trainable": sum(p.numel() for p in params),  # the LoRA factors' size under LoRA, the adapters' otherwise
         "tokens": tokens,
         "seconds": time.perf_counter() - start,
         "step_seconds": statistics.median(step_times[1:] or step_times),
