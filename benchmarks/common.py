@@ -137,14 +137,6 @@ def run_config(overrides: dict[str, Any]):
     return parse_run_config({**app_defaults(), **overrides})
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_app(overrides: dict[str, Any], *, work: Path, name: str, supernodes: int, cpus_per_client: int = 1,
             timeout: float = 1800, attempts: int = 2) -> tuple[Path, list[dict]]:
     """One real ``flwr run`` of the app (SuperLink, ServerApp, Ray actors) with ``overrides``;
@@ -155,7 +147,7 @@ def run_app(overrides: dict[str, Any], *, work: Path, name: str, supernodes: int
     other jobs the client actors then get a small share of the CPU whenever anything at the
     default priority is busy, and a client's step time measures the other jobs, not Flower.
     Benchmarks run the workers at niceness 0, the priority every other process here has."""
-    from fed_crash.launch import flwr_run
+    from fed_crash.launch import flwr_run, free_port
 
     for attempt in range(attempts):
         run_name = f"{name}-{int(time.time())}-{attempt}"

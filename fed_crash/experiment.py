@@ -136,7 +136,7 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
     """Run every unfinished cell, then write the summary. Returns each cell's status. A cell
     that finished with another run config than the file gives it now is an error: skipping it
     would mix two experiments in one summary."""
-    from .launch import flwr_run
+    from .launch import flwr_run, free_port
 
     folder = experiment.folder
     for cell in experiment.cells:
@@ -161,6 +161,7 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
             {**cell.run_config, "run-name": cell.name, "results-dir": str(folder)},
             num_supernodes=experiment.config.num_supernodes, cpus_per_client=experiment.config.cpus_per_client,
             gpus_per_client=experiment.config.gpus_per_client, flwr_home=flwr_home, env={"FED_CRASH_NODE_CACHE": str(node_cache)},
+            port_base=free_port(),  # its own SuperLink: never one left answering on the default port by another run
             timeout=experiment.config.timeout, echo=echo,
         )
         wall = time.perf_counter() - start
