@@ -86,14 +86,6 @@ def test_twenty_supernodes_with_a_quarter_sampled(fl_files, tmp_path):
     assert json.loads((run_dir / "emulator/emulator.json").read_text())["spec"]["method"] == "crash"
 
 
-@pytest.mark.slow
-def test_a_bad_run_config_fails_before_training_and_names_the_key(fl_files, tmp_path):
-    result, run_dir = run(fl_files, tmp_path, 2, **{"emulator.keep": 99})
-    assert result.status == "finished:failed"
-    assert "cannot keep 99 layers" in result.output + result.details
-    assert not run_dir.exists()  # a failed start writes nothing
-
-
 def test_run_config_sections_and_errors():
     cfg = parse_run_config({"num-server-rounds": 5, "data": "x.json", "emulator.method": "crash", "train.lr": 1, "train.seed": 3, "seed": 1})
     assert cfg.fed.num_server_rounds == 5 and cfg.data.data == "x.json" and cfg.emulator.method == "crash"
@@ -215,6 +207,9 @@ def test_fed_crash_simulate_command(fl_files, tmp_path):
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     assert "finished:completed" in ok.stdout
     assert len(list((tmp_path / "home" / "nodes").glob("node-*"))) == 2
+    written = sorted(p for p in (tmp_path / "results").rglob("*"))
     bad = subprocess.run([sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / "home2"), "--num-supernodes", "2",
                           "--run-config", common + " emulator.keep=99"], capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 1 and "finished:failed" in bad.stdout
+    assert "cannot keep 99 layers" in bad.stdout + bad.stderr  # the message names the problem
+    assert sorted(p for p in (tmp_path / "results").rglob("*")) == written  # a failed start writes nothing
