@@ -41,6 +41,16 @@ def tiny_gpt2(layers: int = 8, seed: int = 0, vocab: int = 300) -> GPT2LMHeadMod
     return GPT2LMHeadModel(cfg).eval()
 
 
+def write_run_files(root: Path, tokenizer, copies: int) -> Path:
+    """A tiny Llama model folder (safetensors + tokenizer) and ``copies`` x ROWS as distinct
+    Alpaca rows in ``rows.jsonl``: what a real ``flwr run`` of the app needs on disk."""
+    tiny_llama().save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
+    rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * copies)]
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A real byte-level BPE (vocab 300) trained on the fixture rows and the Alpaca template."""
     from fed_crash.data import ALPACA_PROMPT

@@ -12,18 +12,13 @@ from fed_crash.config import ConfigError, FederationConfig, parse_run_config
 from fed_crash.data import DataError
 from fed_crash.launch import flwr_run, free_port
 from fed_crash.partition import client_shard, derived_labels, server_and_client_rows
-from tests.conftest import ROWS
 
 
 @pytest.fixture(scope="module")
 def fl_files(tmp_path_factory, tokenizer):
-    from tests.conftest import tiny_llama
+    from tests.conftest import write_run_files
 
-    root = tmp_path_factory.mktemp("fl")
-    tiny_llama().save_pretrained(root / "model", safe_serialization=True)
-    tokenizer.save_pretrained(root / "model")
-    rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * 8)]
-    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    root = write_run_files(tmp_path_factory.mktemp("fl"), tokenizer, copies=8)
     mc = [{"query": f"Question: what is {i} plus one?", "choices": [str(i + 1), str(i + 2), "blue"], "gold": 0} for i in range(6)]
     (root / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in mc))
     return root

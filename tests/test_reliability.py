@@ -29,7 +29,7 @@ from fed_crash.federated import EMULATOR_FILES_KEY, EMULATOR_WEIGHTS_KEY, client
 from fed_crash.launch import check_run_config, flwr_run, free_port
 from fed_crash.models import ModelError
 from strategies import ClientClippingDP, OffsiteStrategy, make_strategy
-from tests.conftest import ROWS, LocalGrid, tiny_llama
+from tests.conftest import ROWS, LocalGrid, tiny_llama, write_run_files
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -48,12 +48,7 @@ def files_under(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("reliability")
-    tiny_llama().save_pretrained(root / "model", safe_serialization=True)
-    tokenizer.save_pretrained(root / "model")
-    rows = [dict(r, instruction=f"{r['instruction']} ({i})") for i, r in enumerate(ROWS * 2)]
-    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+    return write_run_files(tmp_path_factory.mktemp("reliability"), tokenizer, copies=2)
 
 
 def local_config(files: Path, results: Path, **overrides) -> dict:
