@@ -11,6 +11,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 from .errors import FedCrashError
+from .hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def _read_local(path: Path) -> list:
 def _read_hub(name: str, split: str) -> list:
     import datasets
 
+    if not hub_reachable() and not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the local cache; otherwise fail now, not after retries
+        raise DataError(f"could not load dataset {name!r}: not a local file and the hub is unreachable (offline?); give a .json or .jsonl file")
     try:
         return list(datasets.load_dataset(name, split=split))
     except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "not loadable"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from .errors import FedCrashError
+from .hub import offline_unless_reachable
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ def _is_tied_head(model: PreTrainedModel, key: str) -> bool:
 
 def _load_hub(name: str, dtype: torch.dtype) -> LoadedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        with offline_unless_reachable():  # no hub: the local hub cache serves it, or it fails at once
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as err:  # offline machines end up here
         raise ModelError(
             f"could not load {name!r}: not a local path, and the hub did not answer "

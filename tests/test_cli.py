@@ -1,4 +1,6 @@
-"""The ``fed-crash`` CLI end to end, in a subprocess as a user runs it, on a tiny model folder."""
+"""The ``fed-crash`` CLI end to end on a tiny model folder: in a subprocess as a user runs it,
+and, for the many follow-up calls of one scenario and the bad-input cases, through the same
+``main`` in this process (an interpreter start-up that imports torch costs seconds each)."""
 
 import json
 import subprocess
@@ -18,6 +20,24 @@ def fed_crash(*args, check=True):
     return result
 
 
+@pytest.fixture
+def fed_crash_here(capsys):
+    """``fed_crash`` without the subprocess: the same argument parsing, handler and exit code."""
+    from fed_crash.cli import main
+
+    def run(*args, check=True):
+        try:
+            code = main(list(map(str, args)))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        captured = capsys.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"fed-crash {' '.join(map(str, args))} failed:\n{captured.out}\n{captured.err}")
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return run
+
+
 def test_emulator_build_prints_the_layer_map_and_writes_files(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "emu"
     result = fed_crash("emulator", "build", "--model", tiny_model_dir, "--data", data_file, "--method", "crash",
@@ -30,7 +50,7 @@ def test_emulator_build_prints_the_layer_map_and_writes_files(tiny_model_dir, da
     assert "distinct decoder layers: 6; removed layers stored: none" in report
 
 
-def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, data_file, tmp_path):
+def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, data_file, tmp_path, fed_crash_here):
     out = tmp_path / "tune"
     result = fed_crash("tune", "--model", tiny_model_dir, "--data", data_file, "--method", "uniform", "--keep", "2",
                        "--steps", "20", "--lr", "3e-3", "--train-examples", "24", "--eval-examples", "8", "--out", out, "--no-progress")
@@ -43,7 +63,7 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
     # the four-model table on a multiple-choice file and held-out instructions
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps({"query": f"Question: {r['instruction']}", "choices": [r["output"], "no idea"], "gold": 0}) for r in ROWS[:6]))
-    result = fed_crash("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
+    result = fed_crash_here("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
                        "--task", mc, "--data", data_file, "--instruct-examples", "8", "--generate", "2", "--max-new-tokens", "3",
                        "--out", tmp_path / "report", "--no-progress")
     table = json.loads((tmp_path / "report" / "report.json").read_text())["models"]
@@ -56,7 +76,7 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
     assert len((tmp_path / "report" / "generations-plug_in.jsonl").read_text().splitlines()) == 2
 
     # comparing emulators: the full model's scores are reused, and only for the same tasks and rows
-    again = fed_crash("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
+    again = fed_crash_here("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
                       "--task", mc, "--data", data_file, "--instruct-examples", "8", "--generate", "2", "--max-new-tokens", "3",
                       "--out", tmp_path / "report2", "--full-from", tmp_path / "report" / "report.json", "--no-progress")
     def scores(models):
@@ -64,18 +84,18 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
 
     reused = json.loads((tmp_path / "report2" / "report.json").read_text())["models"]
     assert reused["full_zero_shot"] == table["full_zero_shot"] and scores(reused) == scores(table) and "| plug_in |" in again.stdout
-    other = fed_crash("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
+    other = fed_crash_here("report", "--model", tiny_model_dir, "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors",
                       "--task", mc, "--limit", "3", "--out", tmp_path / "report3", "--full-from", tmp_path / "report" / "report.json", check=False)
     assert other.returncode == 2 and "full zero-shot scores cannot be reused" in other.stderr
 
-    single = fed_crash("eval", "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors", "--task", mc,
+    single = fed_crash_here("eval", "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors", "--task", mc,
                        "--out", tmp_path / "eval", "--no-progress")
     scores = json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"]["mc"]
     assert scores == {**table["emulator_fine_tuned"]["tasks"]["mc"], "seconds": scores["seconds"]}
     assert "| emulator+adapters |" in single.stdout
 
     # the landscape from the tuned adapters to the untuned ones: end points are the two plug-ins
-    fed_crash("landscape", "--model", tiny_model_dir, "--a", out / "adapters.safetensors", "--b", out / "emulator" / "adapters.safetensors",
+    fed_crash_here("landscape", "--model", tiny_model_dir, "--a", out / "adapters.safetensors", "--b", out / "emulator" / "adapters.safetensors",
               "--points", "3", "--data", data_file, "--eval-examples", "8", "--out", tmp_path / "land", "--no-progress")
     curve = json.loads((tmp_path / "land" / "landscape.json").read_text())["curve"]
     assert [p["t"] for p in curve] == [0, 0.5, 1]
@@ -84,7 +104,7 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
     assert (tmp_path / "land" / "landscape.png").read_bytes()[:4] == b"\x89PNG"
 
     plugged = tmp_path / "plugged"
-    fed_crash("plugin", "--model", tiny_model_dir, "--adapters", out / "adapters.safetensors", "--out", plugged)
+    fed_crash_here("plugin", "--model", tiny_model_dir, "--adapters", out / "adapters.safetensors", "--out", plugged)
     weights = load_file(plugged / "model.safetensors")
     adapters = load_file(out / "adapters.safetensors")
     assert all((weights[k] == v).all() for k, v in adapters.items())
@@ -130,10 +150,10 @@ def test_emulator_compare_writes_a_table_and_plot_with_every_method(tiny_model_d
     (["eval", "--task", "t.jsonl", "--fields", "question={q}", "--out", "x"], "expected KEY=VALUE with KEY in"),
     (["plugin", "--adapters", "/no/a.safetensors", "--out", "x"], "adapter file /no/a.safetensors does not exist"),
 ])
-def test_bad_input_is_one_clear_line(tiny_model_dir, args, message):
+def test_bad_input_is_one_clear_line(tiny_model_dir, args, message, fed_crash_here):
     if "--model" not in args:
         args = args + ["--model", str(tiny_model_dir)]
-    result = fed_crash(*args, check=False)
+    result = fed_crash_here(*args, check=False)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -42,10 +42,25 @@ def test_missing_and_unusable_paths(tmp_path):
         load_model(str(tmp_path / "w.safetensors"))
 
 
-def test_hub_names_fail_clearly_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_names_fail_clearly_and_at_once_offline(monkeypatch):
+    """No hub: the model comes only from the local hub cache, without the hub client's retries;
+    a dataset or task name fails before ``datasets`` is asked."""
+    import time
+
+    from fed_crash.data import DataError, load_instructions
+    from fed_crash.mc import load_task
+
+    monkeypatch.setattr("fed_crash.hub.hub_reachable", lambda: False)
+    monkeypatch.setattr("fed_crash.data.hub_reachable", lambda: False)
+    monkeypatch.setattr("fed_crash.mc.hub_reachable", lambda: False)
+    start = time.monotonic()
     with pytest.raises(ModelError, match="hub did not answer"):
         load_model("no-such-org/no-such-model-xyz")
+    with pytest.raises(DataError, match="'someone/dataset'.*hub is unreachable"):
+        load_instructions("someone/dataset")
+    with pytest.raises(DataError, match="task 'arc_easy': the hub is unreachable"):
+        load_task("arc_easy")
+    assert time.monotonic() - start < 20  # the retries took about 45 s
 
 
 def test_state_hash_sees_every_tensor():
