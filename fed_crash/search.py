@@ -92,6 +92,8 @@ class Probe:
         self.current: tuple[int, ...] = ()
         self.states: list[list[torch.Tensor]] = []  # per batch: input of each position of self.current
         self.targets = [self._outputs(b, None) for b in self.batches]
+        # the divergence's denominator: scored tokens (kl) or the full model's squared norm (mse)
+        self.norm = max(sum(float(t.shape[0]) if divergence == "kl" else float(t.pow(2).sum()) for t in self.targets), 1e-12)
         self.accept(tuple(range(len(get_layers(model)))))
 
     def _where(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,22 +136,27 @@ class Probe:
         return min(n, len(sequence) - 1, len(self.current) - 1) if self.current else 0
 
     @torch.no_grad()
-    def __call__(self, sequence: Sequence[int]) -> float:
-        """Mean KL(full || emulator) per scored token, or sum ||h_e - h_f||^2 / sum ||h_f||^2."""
+    def __call__(self, sequence: Sequence[int], bound: float = float("inf")) -> float:
+        """Mean KL(full || emulator) per scored token, or sum ||h_e - h_f||^2 / sum ||h_f||^2.
+
+        Both are sums of non-negative terms over batches divided by a constant, so once the
+        batches done reach ``bound`` the rest cannot bring the value below it: the evaluation
+        stops there and returns that partial value (at least ``bound``). A search that only asks
+        "is this below the best so far?" gets the same answer for less."""
         sequence = tuple(sequence)
         start = self._shared_prefix(sequence)
         self.evaluations += 1
-        total, norm = 0.0, 0.0
+        total = 0.0
         for i, (batch, target) in enumerate(zip(self.batches, self.targets)):
             hidden, _ = self._run(sequence, i, start, keep_states=False)
             out = self._outputs(batch, hidden)
             if self.divergence == "kl":
                 total += float(F.kl_div(out, target, log_target=True, reduction="sum"))
-                norm += target.shape[0]
             else:
                 total += float((out - target).pow(2).sum())
-                norm += float(target.pow(2).sum())
-        return total / max(norm, 1e-12)
+            if total / self.norm >= bound:
+                break
+        return total / self.norm
 
 
 def search_kept(probe: Probe, starts: Sequence[EmulatorSpec], *, max_evaluations: int = 200) -> tuple[EmulatorSpec, list[dict]]:
@@ -178,7 +185,7 @@ def search_kept(probe: Probe, starts: Sequence[EmulatorSpec], *, max_evaluations
             if moved not in spec.middle or moved in spec.kept or probe.evaluations >= cap:
                 continue
             candidate = replace(spec, kept=tuple(sorted(spec.kept[:j] + (moved,) + spec.kept[j + 1:])))
-            divergence = probe(layer_sequence(candidate))
+            divergence = probe(layer_sequence(candidate), bound=best)  # stops early once it cannot beat best
             if divergence < best:
                 best, spec, unimproved = divergence, candidate, -1
                 probe.accept(layer_sequence(spec))

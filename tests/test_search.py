@@ -77,3 +77,19 @@ def test_search_is_deterministic_and_respects_the_cap(tiny_model, calibration):
         before, after = set(first[1][first[1].index(step) - 1]["kept"]), set(step["kept"])
         (old,), (new,) = before - after, after - before
         assert abs(old - new) == 1 and 1 <= new <= 6 and len(after) == 3
+
+
+@pytest.mark.parametrize("divergence", ["kl", "mse"])
+def test_a_bound_stops_an_evaluation_only_once_it_cannot_come_under_it(tiny_model, calibration, divergence, monkeypatch):
+    """The search's early stop is exact: under the bound, the full value; once the batches done
+    reach the bound, a value at least the bound, computed on fewer batches."""
+    probe = Probe(tiny_model, calibration, divergence)
+    sequence = layer_sequence(make_spec("uniform", 8, bottom=1, top=1, keep=2, share=False))
+    value = probe(sequence)
+    assert probe(sequence, bound=value * 1.001) == pytest.approx(value, rel=1e-6)  # needs every batch to know
+    runs = []
+    original = probe._run
+    monkeypatch.setattr(probe, "_run", lambda *a, **k: runs.append(a[1]) or original(*a, **k))
+    stopped = probe(sequence, bound=value / 100)
+    assert stopped >= value / 100 and stopped <= value + 1e-9
+    assert len(runs) < len(calibration)  # the later batches were not run
