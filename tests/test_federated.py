@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from fed_crash.config import ConfigError, FederationConfig, parse_run_config
 from fed_crash.data import DataError
-from fed_crash.launch import flwr_run, free_port
+from fed_crash.launch import flwr_run, free_port, toml_value
 from fed_crash.partition import client_shard, derived_labels, server_and_client_rows
 
 
@@ -34,39 +34,6 @@ def run(fl_files, tmp_path, supernodes, **overrides):
     result = flwr_run(config, num_supernodes=supernodes, flwr_home=tmp_path / "flwr", port_base=free_port(),
                       env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")}, timeout=600)
     return result, tmp_path / "results" / "t"
-
-
-@pytest.mark.slow
-def test_flwr_run_three_supernodes_two_rounds(fl_files, tmp_path):
-    result, run_dir = run(fl_files, tmp_path, 3, **{"mc-task": str(fl_files / "mc.jsonl"), "mc-samples": 4, "emulator.method": "crash"})
-    assert result.ok, result.output[-3000:]
-    assert "round 2/2 | clients 3 ok 0 failed" in result.output  # one readable line per round
-    for name in ("config.json", "metrics.jsonl", "rounds.png", "emulator/emulator.json", "adapters/round-0.safetensors",
-                 "adapters/round-2.safetensors", "adapters/final.safetensors", "plugin-model/model.safetensors"):
-        assert (run_dir / name).is_file(), name
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [0, 1, 2]
-    assert all(line["server"]["plugin_loss"] > 0 and line["server"]["emulator_loss"] > 0 for line in lines)
-    assert all(0 <= line["server"]["plugin_acc"] <= 1 and "plugin_acc_norm" in line["server"] for line in lines)
-    assert [len(line["clients"]) for line in lines] == [0, 3, 3]
-    assert all(c["num-examples"] == 16 and c["steps"] == 4 for c in lines[1]["clients"])
-    # the emulator goes down once per node; adapters every round, and they change
-    assert lines[1]["emulator_bytes_down"] > 0 and lines[2]["emulator_bytes_down"] == 0
-    assert lines[2]["bytes_down"] < lines[1]["bytes_down"] and lines[2]["bytes_up"] > 0
-    first, final = load_file(run_dir / "adapters/round-0.safetensors"), load_file(run_dir / "adapters/final.safetensors")
-    assert any(not torch.equal(first[k], final[k]) for k in first)
-
-    # What a client received holds no weight of a removed layer (by content, under any name).
-    central = load_file(fl_files / "model" / "model.safetensors")
-    spec = json.loads((run_dir / "emulator/emulator.json").read_text())["spec"]
-    removed = [i for i in range(2, 6) if i not in spec["kept"]]
-    digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()  # noqa: E731
-    removed_hashes = {digest(v) for k, v in central.items() if v.dim() == 2 and int(k.split(".")[2] if k.startswith("model.layers.") else -1) in removed}
-    received = list((tmp_path / "nodes").glob("node-*/*/emulator.safetensors"))
-    assert len(received) == 3  # one cached emulator per node
-    for path in received:
-        assert not removed_hashes & {digest(v) for v in load_file(path).values()}
-        assert not list(path.parent.glob("model*.safetensors"))  # no full-model checkpoint
 
 
 @pytest.mark.slow
@@ -127,45 +94,6 @@ def test_labels_and_server_slices():
 
 
 @pytest.mark.slow
-def test_ray_dashboard_lists_the_flower_client_actors(fl_files, tmp_path):
-    """The simulation attached to a Ray head started with the dashboard: the dashboard's state
-    API lists the ClientAppActor workers while the run goes on; nothing is left afterwards."""
-    import threading
-    import time
-    import urllib.request
-
-    from fed_crash.launch import RAY_CLUSTER_FILE, _pids_with, ray_head
-
-    dashboard, answers = free_port(), []
-    with ray_head(dashboard_port=dashboard, gcs_port=free_port(), num_cpus=2) as address:
-        stop = threading.Event()
-
-        def poll():
-            while not stop.is_set():
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/v0/actors?limit=100", timeout=5) as reply:
-                        answers.append(json.load(reply)["data"]["result"]["result"])
-                except OSError:
-                    pass
-                time.sleep(0.5)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
-                  "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "emulator.keep": 2, "emulator.calib-samples": 8,
-                  "train.steps": 10, "save-model": False}
-        result = flwr_run(config, num_supernodes=2, flwr_home=tmp_path / "flwr", port_base=free_port(),
-                          env={"RAY_ADDRESS": address, "FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")}, timeout=600)
-        stop.set()
-        poller.join()
-    assert result.ok, result.output[-3000:]
-    actors = [a for answer in answers for a in answer if a.get("class_name") == "ClientAppActor"]
-    assert actors, f"no ClientAppActor in the dashboard's answers: {answers[-1:]}"
-    assert {"actor_id", "state", "pid"} <= set(actors[0])
-    assert not RAY_CLUSTER_FILE.exists() and not _pids_with("gcs_server")
-
-
-@pytest.mark.slow
 def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_path):
     from fed_crash.launch import local_deployment
 
@@ -189,22 +117,79 @@ def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_fed_crash_simulate_command(fl_files, tmp_path):
-    """The wrapper users run: exit code from the run's final status, node cache under its home."""
+def test_fed_crash_simulate_three_supernodes_two_rounds_on_the_ray_dashboard(fl_files, tmp_path):
+    """What users run, ``fed-crash simulate --dashboard``: a real ``flwr run`` of 3 supernodes for
+    2 rounds on a Ray head with the dashboard, whose state API lists the ClientAppActor workers
+    while the run goes on; nothing of Ray is left afterwards. The exit code follows the run's
+    final status, and a run that fails at start writes nothing."""
+    import os
     import subprocess
     import sys
+    import threading
+    import time
+    import urllib.request
 
-    common = f"model='{fl_files / 'model'}' data='{fl_files / 'rows.jsonl'}' results-dir='{tmp_path / 'results'}' eval-examples=8 num-server-rounds=1 max-length=256 save-model=false"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "FED_CRASH_NODE_CACHE"}
+    from fed_crash.launch import RAY_CLUSTER_FILE, _pids_with
+
+    def simulate(home, overrides, *extra):
+        args = [sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / home), "--num-supernodes", "3", *extra,
+                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in {**config, **overrides}.items())]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+              "run-name": "t", "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "fraction-train": 1.0,
+              "min-available-nodes": 3, "max-client-examples": 16, "emulator.keep": 2, "emulator.calib-samples": 8,
+              "emulator.method": "crash", "train.steps": 4, "train.lr": 0.003, "mc-task": str(fl_files / "mc.jsonl"), "mc-samples": 4}
+    env = {k: v for k, v in os.environ.items() if k != "FED_CRASH_NODE_CACHE"}  # the node cache goes under --flwr-home
     env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port := free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(port + 2))
-    ok = subprocess.run([sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / "home"), "--num-supernodes", "2",
-                         "--run-config", common + " emulator.keep=2"], capture_output=True, text=True, timeout=600, env=env)
-    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
-    assert "finished:completed" in ok.stdout
-    assert len(list((tmp_path / "home" / "nodes").glob("node-*"))) == 2
-    written = sorted(p for p in (tmp_path / "results").rglob("*"))
-    bad = subprocess.run([sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / "home2"), "--num-supernodes", "2",
-                          "--run-config", common + " emulator.keep=99"], capture_output=True, text=True, timeout=600, env=env)
-    assert bad.returncode == 1 and "finished:failed" in bad.stdout
-    assert "cannot keep 99 layers" in bad.stdout + bad.stderr  # the message names the problem
-    assert sorted(p for p in (tmp_path / "results").rglob("*")) == written  # a failed start writes nothing
+    dashboard, answers = free_port(), []
+    proc = simulate("home", {}, "--dashboard", "--dashboard-port", str(dashboard))
+    while proc.poll() is None:  # the dashboard answers while the run goes on
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/v0/actors?limit=100", timeout=5) as reply:
+                answers.append(json.load(reply)["data"]["result"]["result"])
+        except OSError:
+            pass
+        time.sleep(0.5)
+    output = proc.stdout.read()
+    assert proc.returncode == 0 and "finished:completed" in output, output[-3000:]
+    actors = [a for answer in answers for a in answer if a.get("class_name") == "ClientAppActor"]
+    assert actors, f"no ClientAppActor in the dashboard's answers: {answers[-1:]}"
+    assert {"actor_id", "state", "pid"} <= set(actors[0])
+    assert not RAY_CLUSTER_FILE.exists() and not _pids_with("gcs_server")
+
+    run_dir = tmp_path / "results" / "t"
+    assert "round 2/2 | clients 3 ok 0 failed" in output  # one readable line per round
+    for name in ("config.json", "metrics.jsonl", "rounds.png", "emulator/emulator.json", "adapters/round-0.safetensors",
+                 "adapters/round-2.safetensors", "adapters/final.safetensors", "plugin-model/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert all(line["server"]["plugin_loss"] > 0 and line["server"]["emulator_loss"] > 0 for line in lines)
+    assert all(0 <= line["server"]["plugin_acc"] <= 1 and "plugin_acc_norm" in line["server"] for line in lines)
+    assert [len(line["clients"]) for line in lines] == [0, 3, 3]
+    assert all(c["num-examples"] == 16 and c["steps"] == 4 for c in lines[1]["clients"])
+    # the emulator goes down once per node; adapters every round, and they change
+    assert lines[1]["emulator_bytes_down"] > 0 and lines[2]["emulator_bytes_down"] == 0
+    assert lines[2]["bytes_down"] < lines[1]["bytes_down"] and lines[2]["bytes_up"] > 0
+    first, final = load_file(run_dir / "adapters/round-0.safetensors"), load_file(run_dir / "adapters/final.safetensors")
+    assert any(not torch.equal(first[k], final[k]) for k in first)
+
+    # What a client received holds no weight of a removed layer (by content, under any name).
+    central = load_file(fl_files / "model" / "model.safetensors")
+    spec = json.loads((run_dir / "emulator/emulator.json").read_text())["spec"]
+    removed = [i for i in range(2, 6) if i not in spec["kept"]]
+    digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()  # noqa: E731
+    removed_hashes = {digest(v) for k, v in central.items() if v.dim() == 2 and int(k.split(".")[2] if k.startswith("model.layers.") else -1) in removed}
+    received = list((tmp_path / "home" / "nodes").glob("node-*/*/emulator.safetensors"))
+    assert len(received) == 3  # one cached emulator per node, under the run home
+    for path in received:
+        assert not removed_hashes & {digest(v) for v in load_file(path).values()}
+        assert not list(path.parent.glob("model*.safetensors"))  # no full-model checkpoint
+
+    written = sorted(tmp_path.joinpath("results").rglob("*"))
+    bad = simulate("home2", {"run-name": "bad", "emulator.keep": 99})
+    output = bad.communicate(timeout=600)[0]
+    assert bad.returncode == 1 and "finished:failed" in output
+    assert "cannot keep 99 layers" in output  # the message names the problem
+    assert sorted(tmp_path.joinpath("results").rglob("*")) == written  # a failed start writes nothing
