@@ -236,7 +236,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         with local_deployment(home, num_supernodes=args.num_supernodes, env=env) as connection:
             result = flwr_run(args.run_config, connection=connection, **common)
     else:
-        head = ray_head(dashboard_port=args.dashboard_port) if args.dashboard else nullcontext(None)
+        head = ray_head(dashboard_port=args.dashboard_port, env=env) if args.dashboard else nullcontext(None)
         with head as address:
             if address:
                 env["RAY_ADDRESS"] = address

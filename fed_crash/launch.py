@@ -240,9 +240,12 @@ def clear_stale_ray_cluster() -> None:
 
 
 @contextmanager
-def ray_head(*, dashboard_port: int = 8265, gcs_port: int = 6379, num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[str]:
+def ray_head(*, dashboard_port: int = 8265, gcs_port: int = 6379, num_cpus: int | None = None, num_gpus: int | None = None,
+             env: Mapping[str, str] | None = None) -> Iterator[str]:
     """A local Ray head with the dashboard for the duration of the block; yields its address.
-    ``ray stop`` afterwards, so no cluster (and no cluster file) is left behind."""
+    ``env`` is added to its environment: the client actors of a simulation attached to it are
+    the head's workers and see the head's environment, not the ``flwr run`` one (the node cache
+    folder, for one). ``ray stop`` afterwards, so no cluster (and no cluster file) is left behind."""
     ray = str(Path(sys.executable).parent / "ray")
     clear_stale_ray_cluster()
     cmd = [ray, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -251,7 +254,7 @@ def ray_head(*, dashboard_port: int = 8265, gcs_port: int = 6379, num_cpus: int 
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
     try:
         yield f"127.0.0.1:{gcs_port}"
     finally:

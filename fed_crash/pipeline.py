@@ -83,9 +83,10 @@ def calibration_rows(source: str, data: DataConfig, n: int) -> list[dict[str, st
 def search_probe(model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig) -> Probe:
     """The divergence probe of search, on the first ``search_samples`` calibration rows."""
     examples = tokenize(calibration[: emu.search_samples], tokenizer, max_length=data.max_length, template=data.template)
-    # rows of similar length share a batch, so little of every evaluation is spent on padding
+    # rows of similar length share a batch, so little of every evaluation is spent on padding;
+    # batches of at most 4 rows let a candidate that cannot win stop early (Probe.__call__)
     examples = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
-    return Probe(model, batches(examples, emu.calib_batch_size, pad_id(tokenizer)), emu.divergence)  # type: ignore[arg-type]
+    return Probe(model, batches(examples, min(emu.calib_batch_size, 4), pad_id(tokenizer)), emu.divergence)  # type: ignore[arg-type]
 
 
 def plan_emulator(

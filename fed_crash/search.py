@@ -89,6 +89,7 @@ class Probe:
         if not self.batches:
             raise SpecError("emulator search needs calibration samples")
         self.evaluations = 0
+        self._last: tuple[tuple[int, ...], list[list[torch.Tensor]]] | None = None  # the last full evaluation's states
         self.current: tuple[int, ...] = ()
         self.states: list[list[torch.Tensor]] = []  # per batch: input of each position of self.current
         self.targets = [self._outputs(b, None) for b in self.batches]
@@ -119,13 +120,16 @@ class Probe:
         return hidden, inputs if keep_states else []
 
     def accept(self, sequence: tuple[int, ...]) -> None:
-        """Make ``sequence`` the current one: cache the input of each of its positions."""
+        """Make ``sequence`` the current one: cache the input of each of its positions (those of
+        the evaluation just done when it was of this sequence, over every batch: no new run)."""
+        sequence = tuple(sequence)
+        last, self._last = self._last, None
         start = self._shared_prefix(sequence)
         states = []
         for i in range(len(self.batches)):
-            _, inputs = self._run(sequence, i, start, keep_states=True)
+            inputs = last[1][i] if last is not None and last[0] == sequence else self._run(sequence, i, start, keep_states=True)[1]
             states.append((self.states[i][:start] if start else []) + inputs)
-        self.current, self.states = tuple(sequence), states
+        self.current, self.states = sequence, states
 
     def _shared_prefix(self, sequence: Sequence[int]) -> int:
         n = 0
@@ -146,16 +150,19 @@ class Probe:
         sequence = tuple(sequence)
         start = self._shared_prefix(sequence)
         self.evaluations += 1
-        total = 0.0
+        total, kept = 0.0, []
         for i, (batch, target) in enumerate(zip(self.batches, self.targets)):
-            hidden, _ = self._run(sequence, i, start, keep_states=False)
+            hidden, inputs = self._run(sequence, i, start, keep_states=True)
+            kept.append(inputs)
             out = self._outputs(batch, hidden)
             if self.divergence == "kl":
                 total += float(F.kl_div(out, target, log_target=True, reduction="sum"))
             else:
                 total += float((out - target).pow(2).sum())
-            if total / self.norm >= bound:
+            if total / self.norm >= bound and i + 1 < len(self.batches):
+                kept = []
                 break
+        self._last = (sequence, kept) if kept else None  # accepting it next needs no run
         return total / self.norm
 
 

@@ -93,3 +93,22 @@ def test_a_bound_stops_an_evaluation_only_once_it_cannot_come_under_it(tiny_mode
     stopped = probe(sequence, bound=value / 100)
     assert stopped >= value / 100 and stopped <= value + 1e-9
     assert len(runs) < len(calibration)  # the later batches were not run
+
+
+def test_accepting_the_sequence_just_evaluated_reuses_its_states(tiny_model, calibration, monkeypatch):
+    """Accepting what was just measured in full runs nothing, and later values are what a
+    fresh probe accepting the same sequence gives."""
+    probe, fresh = Probe(tiny_model, calibration), Probe(tiny_model, calibration)
+    spec = make_spec("uniform", 8, bottom=1, top=1, keep=3, share=True)
+    other = make_spec("uniform", 8, bottom=1, top=1, keep=2, share=True)
+    probe(layer_sequence(spec))
+    runs = []
+    original = probe._run
+    monkeypatch.setattr(probe, "_run", lambda *a, **k: runs.append(a[1]) or original(*a, **k))
+    probe.accept(layer_sequence(spec))
+    assert runs == []
+    fresh.accept(layer_sequence(spec))
+    assert probe(layer_sequence(other)) == pytest.approx(fresh(layer_sequence(other)), rel=1e-6)
+    probe(layer_sequence(other), bound=0.0)  # stopped early: its states are not kept, so accepting it runs again
+    probe.accept(layer_sequence(other))
+    assert len(runs) > len(calibration)
