@@ -11,7 +11,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 from .errors import FedCrashError
-from .hub import hub_reachable
+from .hub import datasets_hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _read_local(path: Path) -> list:
 def _read_hub(name: str, split: str) -> list:
     import datasets
 
-    if not hub_reachable() and not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the local cache; otherwise fail now, not after retries
+    if datasets_hub_unreachable():  # fail now, not after the hub client's retries
         raise DataError(f"could not load dataset {name!r}: not a local file and the hub is unreachable (offline?); give a .json or .jsonl file")
     try:
         return list(datasets.load_dataset(name, split=split))

@@ -41,3 +41,11 @@ def offline_unless_reachable() -> Iterator[bool]:
         yield constants.HF_HUB_OFFLINE
     finally:
         constants.HF_HUB_OFFLINE = before
+
+
+def datasets_hub_unreachable() -> bool:
+    """True when ``datasets`` would only retry: no hub, and not in its offline mode (which reads
+    the local cache at once). Callers fail then with a message that names what to pass instead."""
+    import datasets
+
+    return not hub_reachable() and not datasets.config.HF_HUB_OFFLINE

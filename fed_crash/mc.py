@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import IGNORE, DataError, Tokenized, collate, pad_id
-from .hub import hub_reachable
+from .hub import datasets_hub_unreachable
 from .models import get_layers
 from .train import sequence_logprobs
 
@@ -173,7 +173,7 @@ def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 
         import datasets
 
         hub = HUB_TASKS[text]
-        if not hub_reachable() and not datasets.config.HF_HUB_OFFLINE:  # fail now, not after the hub client's retries
+        if datasets_hub_unreachable():  # fail now, not after the hub client's retries
             raise DataError(f"could not load hub dataset {hub.path} for task {text!r}: the hub is unreachable (offline?). "
                             "Pass a local JSONL file instead (shared/data/eval has ARC-E, ARC-C, OpenBookQA, PIQA).")
         try:

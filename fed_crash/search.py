@@ -113,11 +113,12 @@ class Probe:
         return F.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
-    def _run(self, sequence: tuple[int, ...], batch_index: int, start: int, keep_states: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _run(self, sequence: tuple[int, ...], batch_index: int, start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last hidden state of ``sequence`` run from position ``start`` on, and each run position's input."""
         batch = self.batches[batch_index]
         with _run_as(self.model, sequence[start:], self.states[batch_index][start] if start else None) as inputs:
             hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
-        return hidden, inputs if keep_states else []
+        return hidden, inputs
 
     def accept(self, sequence: tuple[int, ...]) -> None:
         """Make ``sequence`` the current one: cache the input of each of its positions (those of
@@ -127,7 +128,7 @@ class Probe:
         start = self._shared_prefix(sequence)
         states = []
         for i in range(len(self.batches)):
-            inputs = last[1][i] if last is not None and last[0] == sequence else self._run(sequence, i, start, keep_states=True)[1]
+            inputs = last[1][i] if last is not None and last[0] == sequence else self._run(sequence, i, start)[1]
             states.append((self.states[i][:start] if start else []) + inputs)
         self.current, self.states = sequence, states
 
@@ -152,7 +153,7 @@ class Probe:
         self.evaluations += 1
         total, kept = 0.0, []
         for i, (batch, target) in enumerate(zip(self.batches, self.targets)):
-            hidden, inputs = self._run(sequence, i, start, keep_states=True)
+            hidden, inputs = self._run(sequence, i, start)
             kept.append(inputs)
             out = self._outputs(batch, hidden)
             if self.divergence == "kl":

@@ -51,8 +51,6 @@ def test_hub_names_fail_clearly_and_at_once_offline(monkeypatch):
     from fed_crash.mc import load_task
 
     monkeypatch.setattr("fed_crash.hub.hub_reachable", lambda: False)
-    monkeypatch.setattr("fed_crash.data.hub_reachable", lambda: False)
-    monkeypatch.setattr("fed_crash.mc.hub_reachable", lambda: False)
     start = time.monotonic()
     with pytest.raises(ModelError, match="hub did not answer"):
         load_model("no-such-org/no-such-model-xyz")
