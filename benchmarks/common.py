@@ -147,7 +147,7 @@ def run_app(overrides: dict[str, Any], *, work: Path, name: str, supernodes: int
     other jobs the client actors then get a small share of the CPU whenever anything at the
     default priority is busy, and a client's step time measures the other jobs, not Flower.
     Benchmarks run the workers at niceness 0, the priority every other process here has."""
-    from fed_crash.launch import flwr_run, free_port
+    from fed_crash.tools.launch import flwr_run, free_port
 
     for attempt in range(attempts):
         run_name = f"{name}-{int(time.time())}-{attempt}"
@@ -193,12 +193,12 @@ def emulator_folder(work: Path, name: str, overrides: dict[str, Any]) -> Path:
     folder = work / "emulators" / name
     if (folder / "emulator.json").is_file():
         return folder
-    from fed_crash.artifacts import save_emulator
-    from fed_crash.federated import calibration_slice, public_rows_needed
-    from fed_crash.data import load_instructions
-    from fed_crash.models import load_model
-    from fed_crash.partition import server_and_client_rows
-    from fed_crash.pipeline import plan_emulator
+    from fed_crash.core.artifacts import save_emulator
+    from fed_crash.federation.server import calibration_slice, public_rows_needed
+    from fed_crash.core.data import load_instructions
+    from fed_crash.core.models import load_model
+    from fed_crash.federation.partition import server_and_client_rows
+    from fed_crash.selection.plan import plan_emulator
 
     cfg = run_config({"data": str(ALPACA), **overrides})
     loaded = load_model(cfg.fed.model)
@@ -212,6 +212,6 @@ def emulator_folder(work: Path, name: str, overrides: dict[str, Any]) -> Path:
 
 def alpaca_rows(n: int, *, seed: int = 0) -> list[dict[str, str]]:
     """``n`` Alpaca rows, a seeded sample: the same rows for every configuration of a run."""
-    from fed_crash.data import load_instructions, split_rows
+    from fed_crash.core.data import load_instructions, split_rows
 
     return split_rows(load_instructions(ALPACA), {"sample": n}, seed=seed)["sample"]

@@ -42,7 +42,7 @@ def baselines(model_name: str) -> dict[str, dict]:
     from flwr.app import ArrayRecord, RecordDict
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from fed_crash.models import load_model
+    from fed_crash.core.models import load_model
     from strategies.offsite import record_bytes
 
     model = load_model(model_name).model

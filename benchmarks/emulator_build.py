@@ -35,9 +35,9 @@ def main() -> None:
 
     import torch
 
-    from fed_crash.data import batches, pad_id, tokenize
-    from fed_crash.models import load_model
-    from fed_crash.pipeline import calibration_rows, plan_emulator
+    from fed_crash.core.data import batches, pad_id, tokenize
+    from fed_crash.core.models import load_model
+    from fed_crash.selection.plan import calibration_rows, plan_emulator
 
     cfg = common.run_config({"emulator.method": "crash", "emulator.calib-samples": args.calib_samples})
     loaded = load_model(cfg.fed.model, device="auto")

@@ -119,7 +119,7 @@ def main() -> None:
             if harness == "lm_eval":
                 if folder is None:
                     sys.path.insert(0, str(REPO))
-                    from fed_crash.models import load_model
+                    from fed_crash.core.models import load_model
 
                     folder = load_model(args.model).folder
                 entry[harness] = run_lm_eval(args.lm_eval, folder, path.stem, path, out, args)

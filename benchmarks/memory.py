@@ -40,11 +40,11 @@ def child(payload: dict) -> None:
     import peft  # noqa: F401 - imported by every configuration, so baselines compare
     import torch
 
-    from fed_crash.artifacts import load_emulator
+    from fed_crash.core.artifacts import load_emulator
     from fed_crash.config import TrainConfig
-    from fed_crash.data import batches, pad_id, tokenize
-    from fed_crash.models import load_model, resolve_device
-    from fed_crash.train import response_loss, train_adapters
+    from fed_crash.core.data import batches, pad_id, tokenize
+    from fed_crash.core.models import load_model, resolve_device
+    from fed_crash.core.train import response_loss, train_adapters
 
     baseline = common.rss_mib()
     device = resolve_device("auto")

@@ -29,7 +29,7 @@ def child(payload: dict) -> None:
     """One load from ``payload['cache']`` (runs in a fresh process)."""
     import torch
 
-    from fed_crash.models import load_model
+    from fed_crash.core.models import load_model
 
     start = time.perf_counter()
     loaded = load_model(payload["model"], cache_dir=payload["cache"])

@@ -41,11 +41,11 @@ def plain_steps(folder: Path, overrides: dict, threads: int) -> tuple[list[float
     and the first step's loss (equal to the client's when the batches and weights are)."""
     import torch
 
-    from fed_crash.artifacts import load_emulator
-    from fed_crash.data import batches, load_instructions, pad_id, tokenize
-    from fed_crash.federated import calibration_slice
-    from fed_crash.partition import client_shard, server_and_client_rows
-    from fed_crash.train import response_loss
+    from fed_crash.core.artifacts import load_emulator
+    from fed_crash.core.data import batches, load_instructions, pad_id, tokenize
+    from fed_crash.federation.server import calibration_slice
+    from fed_crash.federation.partition import client_shard, server_and_client_rows
+    from fed_crash.core.train import response_loss
 
     torch.set_num_threads(threads)
     cfg = common.run_config(overrides)
@@ -74,7 +74,7 @@ def plain_steps(folder: Path, overrides: dict, threads: int) -> tuple[list[float
 
 
 def main() -> None:
-    from fed_crash.artifacts import read_manifest
+    from fed_crash.core.artifacts import read_manifest
 
     p = common.parser(__doc__, "overhead")
     p.add_argument("--steps", type=int, default=12, help="local steps per run; the median is over all but the first (default: 12)")

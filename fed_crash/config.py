@@ -12,8 +12,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from .data import DEFAULT_HUB_DATASET
-from .errors import FedCrashError
+from fed_crash.core.data import DEFAULT_HUB_DATASET
+from fed_crash.errors import FedCrashError
 
 
 class ConfigError(FedCrashError):
@@ -134,7 +134,7 @@ class FederationConfig:
 class FaultConfig:
     """Injected faults (run-config section ``faults.*``), to see how a federation copes with
     failing clients. Which client fails how in which round follows from ``seed`` alone (see
-    :mod:`fed_crash.faults`), so a rerun or a resumed run meets the same faults."""
+    :mod:`fed_crash.federation.faults`), so a rerun or a resumed run meets the same faults."""
 
     seed: int = opt(0, "seed of the fault draws (independent of the data and training seeds)")
     crash_rate: float = opt(0.0, "probability that a sampled client raises an error halfway through its local training", min=0.0, max=1.0)
@@ -149,7 +149,7 @@ class FaultConfig:
 
 @dataclass
 class ExperimentConfig:
-    """The ``[experiment]`` table of an experiment file (see :mod:`fed_crash.experiment`)."""
+    """The ``[experiment]`` table of an experiment file (see :mod:`fed_crash.tools.experiment`)."""
 
     name: str = opt("", "the experiment's name: results go to <results-dir>/<name>/ ('' = the file's stem)")
     results_dir: str = opt("results", "folder that holds one sub-folder per experiment")

@@ -4,7 +4,7 @@ docs/reliability.md: what was tried, what happened, the message, and whether any
     .venv/bin/python scripts/reliability.py [--doc docs/reliability.md] [--work DIR]
 
 About 12 minutes on 2 idle CPU cores (27 with other jobs running). Every scenario is a real ``flwr run`` (a local SuperLink,
-Ray-simulated clients; :func:`fed_crash.launch.flwr_run`) of the test suite's tiny random Llama
+Ray-simulated clients; :func:`fed_crash.tools.launch.flwr_run`) of the test suite's tiny random Llama
 on 64 Alpaca-style rows, in a temporary folder (``--work`` keeps it); only the table between the
 markers in the doc is rewritten.
 
@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))  # the test suite's tiny model and rows
 
 from fed_crash.config import FaultConfig  # noqa: E402
 from fed_crash.errors import FedCrashError  # noqa: E402
-from fed_crash.faults import KINDS, FaultPlan, find_seed  # noqa: E402
-from fed_crash.federated import reproducible  # noqa: E402
-from fed_crash.launch import FlowerRun, flwr_run, free_port  # noqa: E402
+from fed_crash.federation.faults import KINDS, FaultPlan, find_seed  # noqa: E402
+from fed_crash.federation.server import reproducible  # noqa: E402
+from fed_crash.tools.launch import FlowerRun, flwr_run, free_port  # noqa: E402
 from tests.conftest import ROWS, build_tokenizer, tiny_llama  # noqa: E402
 
 log = logging.getLogger("reliability")

@@ -7,7 +7,7 @@ the emulator sent once per node, reproducible sampling by partition id, every re
 (:mod:`strategies.validate`) and every failure recorded, per-client metrics and bytes, and no
 federated evaluation (the server evaluates the plugged-in model itself).
 
-Client-side parts live in :mod:`fed_crash.federated`: FedProx's ``proximal-mu`` (sent by
+Client-side parts live in :mod:`fed_crash.federation.server`: FedProx's ``proximal-mu`` (sent by
 Flower's FedProx in the train config) and the FedBiOT regulariser become one proximal term
 on the adapters; with differential privacy on, the client clips its update to the norm the
 DP wrapper sends.
@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from fed_crash.artifacts import ArtifactError
+from fed_crash.core.artifacts import ArtifactError
 from fed_crash.config import ConfigError, FederationConfig
 
 from .dp import UNIT_WEIGHT_KEY, ClientClippingDP

@@ -2,7 +2,7 @@
 
 Flower's :class:`DifferentialPrivacyClientSideFixedClipping` sends the clipping norm to the
 clients (``clipping_norm`` in the train config; the client clips its adapter update, see
-:func:`fed_crash.federated.clip_update`) and adds Gaussian noise with standard deviation
+:func:`fed_crash.federation.server.clip_update`) and adds Gaussian noise with standard deviation
 ``noise_multiplier * clipping_norm / sampled clients`` to the aggregate. Two things are added
 here:
 

@@ -1,5 +1,5 @@
 """Low-rank client updates: a client that trained LoRA on its adapters uploads the update as
-factors (:func:`fed_crash.train.lora_factors`), r * (rows + cols) numbers per adapted weight
+factors (:func:`fed_crash.core.train.lora_factors`), r * (rows + cols) numbers per adapted weight
 instead of the dense adapters. Before aggregation the server rebuilds the dense adapters from
 the ones it sent that round, so every strategy (and DP, robust aggregation, the plug-in) sees
 the same dense updates as without LoRA."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fed_crash.emulator import AdapterError
-from fed_crash.train import LORA_U, LORA_V
+from fed_crash.core.emulator import AdapterError
+from fed_crash.core.train import LORA_U, LORA_V
 
 
 def is_low_rank(arrays: ArrayRecord) -> bool:

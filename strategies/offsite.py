@@ -15,8 +15,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fed_crash.emulator import AdapterError
-from fed_crash.faults import FaultPlan
+from fed_crash.core.emulator import AdapterError
+from fed_crash.federation.faults import FaultPlan
 
 from .lowrank import expand_low_rank, is_low_rank
 from .validate import ARRAYS_KEY, check_reply

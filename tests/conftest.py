@@ -53,7 +53,7 @@ def write_run_files(root: Path, tokenizer, copies: int) -> Path:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A real byte-level BPE (vocab 300) trained on the fixture rows and the Alpaca template."""
-    from fed_crash.data import ALPACA_PROMPT
+    from fed_crash.core.data import ALPACA_PROMPT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -116,7 +116,7 @@ class LocalGrid:
         return self.nodes
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        from fed_crash.federated import client_query, client_train
+        from fed_crash.federation.server import client_query, client_train
 
         handlers = {MessageType.QUERY: client_query, MessageType.TRAIN: client_train}
         replies = []

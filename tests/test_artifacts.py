@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fed_crash.artifacts import ADAPTERS, MANIFEST, WEIGHTS, ArtifactError, load_adapters, load_emulator, save_adapters, save_emulator
-from fed_crash.emulator import AdapterError, EmulatorSpec, build_emulator, plug_in
-from fed_crash.models import get_layers, layer_path
+from fed_crash.core.artifacts import ADAPTERS, MANIFEST, WEIGHTS, ArtifactError, load_adapters, load_emulator, save_adapters, save_emulator
+from fed_crash.core.emulator import AdapterError, EmulatorSpec, build_emulator, plug_in
+from fed_crash.core.models import get_layers, layer_path
 
 
 def tensor_hashes(state):

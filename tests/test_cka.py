@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fed_crash.cka import cka_matrix, layer_features, linear_cka, pool
-from fed_crash.data import batches, pad_id, tokenize
+from fed_crash.selection.cka import cka_matrix, layer_features, linear_cka, pool
+from fed_crash.core.data import batches, pad_id, tokenize
 from tests.conftest import ROWS
 
 
@@ -93,8 +93,8 @@ def test_similarity_cache_returns_the_computed_matrix_and_is_keyed_by_what_it_de
     """A second call with the same model, rows and pooling reads the cache (no forward pass);
     other pooling settings or other weights compute afresh."""
     from fed_crash.config import DataConfig, EmulatorConfig
-    from fed_crash.models import get_layers
-    from fed_crash.pipeline import layer_similarity
+    from fed_crash.core.models import get_layers
+    from fed_crash.selection.plan import layer_similarity
 
     data, emu = DataConfig(data="unused", max_length=256), EmulatorConfig(method="crash", calib_batch_size=4)
     forwards = []

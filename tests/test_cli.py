@@ -9,12 +9,12 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from fed_crash.artifacts import ADAPTERS, WEIGHTS
+from fed_crash.core.artifacts import ADAPTERS, WEIGHTS
 from tests.conftest import ROWS
 
 
 def fed_crash(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "fed_crash.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fed_crash.tools.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"fed-crash {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -23,7 +23,7 @@ def fed_crash(*args, check=True):
 @pytest.fixture
 def fed_crash_here(capsys):
     """``fed_crash`` without the subprocess: the same argument parsing, handler and exit code."""
-    from fed_crash.cli import main
+    from fed_crash.tools.cli import main
 
     def run(*args, check=True):
         try:

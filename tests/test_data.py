@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fed_crash.data import IGNORE, DataError, collate, format_prompt, load_instructions, split_rows, tokenize
+from fed_crash.core.data import IGNORE, DataError, collate, format_prompt, load_instructions, split_rows, tokenize
 from tests.conftest import ALPACA, ROWS
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fed_crash.config import ConfigError
-from fed_crash.experiment import load_experiment, run_experiment
-from fed_crash.launch import FlowerRun
+from fed_crash.tools.experiment import load_experiment, run_experiment
+from fed_crash.tools.launch import FlowerRun
 from tests.conftest import REPO
 
 GRID = """
@@ -64,7 +64,7 @@ def test_bad_experiment_files_fail_before_anything_runs(tmp_path, change, messag
 
 
 def test_cli_prints_a_bad_experiment_as_one_line(tmp_path, capsys):
-    from fed_crash.cli import main
+    from fed_crash.tools.cli import main
 
     assert main(["experiment", str(write(tmp_path, GRID.replace('"fedadam"]', '"fedsgd"]')))]) == 2
     err = capsys.readouterr().err.strip()
@@ -97,7 +97,7 @@ def test_runner_skips_finished_cells_retries_failed_ones_and_summarises(tmp_path
         (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(h) for h in fake_history(losses[name], 0.25)))
         return FlowerRun(0, "8", "finished:completed", "", "output")
 
-    monkeypatch.setattr("fed_crash.launch.flwr_run", fake_flwr_run)
+    monkeypatch.setattr("fed_crash.tools.launch.flwr_run", fake_flwr_run)
     assert run_experiment(exp, flwr_home=tmp_path / "home") == {"fedavg_iid": "finished:completed", "fedavg_dir-0.1": "finished:failed"}
     summary = (exp.folder / "summary.md").read_text()
     # final loss 1.7, best round 1 (1.5), traffic (3+6) MB down and (1+2) MB up over the rounds
@@ -153,5 +153,5 @@ def test_smoke_experiment_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     assert not (exp.folder / "fedavg" / "adapters" / "round-2.optimizer.safetensors").exists()
     assert not list((tmp_path / "home" / "nodes").glob("*/node-*"))  # node caches removed after each cell
 
-    monkeypatch.setattr("fed_crash.launch.flwr_run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    monkeypatch.setattr("fed_crash.tools.launch.flwr_run", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert run_experiment(exp, flwr_home=tmp_path / "home") == dict.fromkeys(cells, "skipped")

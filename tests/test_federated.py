@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from fed_crash.config import ConfigError, FederationConfig, parse_run_config
-from fed_crash.data import DataError
-from fed_crash.launch import flwr_run, free_port, toml_value
-from fed_crash.partition import client_shard, derived_labels, server_and_client_rows
+from fed_crash.core.data import DataError
+from fed_crash.tools.launch import flwr_run, free_port, toml_value
+from fed_crash.federation.partition import client_shard, derived_labels, server_and_client_rows
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_labels_and_server_slices():
     assert set(derived_labels(rows(40), "length")) == {"q1", "q2", "q3", "q4"}
     parts = server_and_client_rows(rows(50), FederationConfig(eval_examples=10), parse_run_config({}).data, calib=5)
     assert [len(parts[k]) for k in ("eval", "calibration", "clients")] == [10, 5, 35]
-    from fed_crash.federated import calibration_slice
+    from fed_crash.federation.server import calibration_slice
 
     assert calibration_slice(parse_run_config({"emulator.method": "crash", "emulator.calib-samples": 7})) == 7
     assert calibration_slice(parse_run_config({"emulator.method": "crash", "calib-data": "public.json"})) == 0
@@ -95,7 +95,7 @@ def test_labels_and_server_slices():
 
 @pytest.mark.slow
 def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_path):
-    from fed_crash.launch import local_deployment
+    from fed_crash.tools.launch import local_deployment
 
     config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
               "run-name": "dep", "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "emulator.keep": 2,
@@ -108,7 +108,7 @@ def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_p
 
 
 def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):
-    from fed_crash.federated import _data_source
+    from fed_crash.federation.server import _data_source
 
     monkeypatch.setenv("FED_CRASH_ROOT", str(tmp_path))
     assert _data_source(parse_run_config({"data": ""})) == "tatsu-lab/alpaca"  # no path: the hub
@@ -129,10 +129,10 @@ def test_fed_crash_simulate_three_supernodes_two_rounds_on_the_ray_dashboard(fl_
     import time
     import urllib.request
 
-    from fed_crash.launch import RAY_CLUSTER_FILE, _pids_with
+    from fed_crash.tools.launch import RAY_CLUSTER_FILE, _pids_with
 
     def simulate(home, overrides, *extra):
-        args = [sys.executable, "-m", "fed_crash.cli", "simulate", "--flwr-home", str(tmp_path / home), "--num-supernodes", "3", *extra,
+        args = [sys.executable, "-m", "fed_crash.tools.cli", "simulate", "--flwr-home", str(tmp_path / home), "--num-supernodes", "3", *extra,
                 "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in {**config, **overrides}.items())]
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 

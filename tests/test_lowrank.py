@@ -6,9 +6,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fed_crash.config import FederationConfig, TrainConfig
-from fed_crash.data import pad_id, tokenize
-from fed_crash.emulator import AdapterError, EmulatorSpec, build_emulator
-from fed_crash.train import LORA_U, train_adapters
+from fed_crash.core.data import pad_id, tokenize
+from fed_crash.core.emulator import AdapterError, EmulatorSpec, build_emulator
+from fed_crash.core.train import LORA_U, train_adapters
 from strategies import OffsiteStrategy, make_strategy
 from strategies.lowrank import expand_low_rank
 from strategies.offsite import record_bytes

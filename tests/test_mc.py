@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from fed_crash.data import DataError
-from fed_crash.emulator import build_emulator, make_spec
-from fed_crash.mc import HUB_TASKS, Fields, encode_pair, load_task, map_row, score_mc, supports_prefix_cache
+from fed_crash.core.data import DataError
+from fed_crash.core.emulator import build_emulator, make_spec
+from fed_crash.evaluation.mc import HUB_TASKS, Fields, encode_pair, load_task, map_row, score_mc, supports_prefix_cache
 
 ROWS = [
     {"query": "Question: name a primary color.", "choices": ["Red.", "The sky is blue and wide", "Rome"], "gold": 1},
@@ -45,7 +45,7 @@ def test_scores_follow_the_summed_log_probabilities(tiny_model, tokenizer, prefi
 
 def test_cached_context_gives_the_same_sums_as_full_sequences(tiny_model, tokenizer, monkeypatch):
     """Left-padded contexts, a reused KV cache and right-padded continuations change nothing."""
-    import fed_crash.mc as mc
+    import fed_crash.evaluation.mc as mc
 
     seen = {}
     for cached in (True, False):
@@ -69,7 +69,7 @@ def test_cached_context_gives_the_same_sums_as_full_sequences(tiny_model, tokeni
 def test_acc_and_acc_norm_disagree_when_length_matters(tiny_model, tokenizer, monkeypatch):
     """A long choice with a lower total but a higher per-character log-probability: acc picks
     the short one, acc_norm the long one."""
-    import fed_crash.mc as mc
+    import fed_crash.evaluation.mc as mc
 
     monkeypatch.setattr(mc, "sequence_logprobs", lambda model, batch: torch.tensor([-4.0, -6.0]))  # "ab": -2/char; 11 chars: -0.55/char
     rows = [{"query": "q", "choices": ["ab", "abcdefghijk"], "gold": 1}]
@@ -79,7 +79,7 @@ def test_acc_and_acc_norm_disagree_when_length_matters(tiny_model, tokenizer, mo
 
 def test_acc_norm_counts_characters_and_acc_bytes_counts_bytes(tiny_model, tokenizer, monkeypatch):
     """"été" is 3 characters but 5 bytes: per character it loses, per byte it wins (as in lm-eval 0.4)."""
-    import fed_crash.mc as mc
+    import fed_crash.evaluation.mc as mc
 
     monkeypatch.setattr(mc, "sequence_logprobs", lambda model, batch: torch.tensor([-4.0, -4.4]))  # "été": -1.33/char, -0.8/byte; "abcd": -1.1 both
     rows = [{"query": "q", "choices": ["été", "abcd"], "gold": 0}]
@@ -160,7 +160,7 @@ def test_batch_plan_keeps_questions_whole_and_pads_least():
     """PIQA-like questions (short contexts, long choices of varied length) are grouped by their
     choices, ARC-like ones (long contexts, short choices) by their contexts; every question lands
     in exactly one batch, whole."""
-    from fed_crash.mc import _padded_tokens, plan_batches
+    from fed_crash.evaluation.mc import _padded_tokens, plan_batches
 
     piqa = [([1] * (3 + i % 2), [[2] * (5 + i % 7), [2] * (20 - i % 11)]) for i in range(30)]
     arc = [([1] * (40 + (i * 7) % 30), [[2] * (1 + i % 2)] * 4) for i in range(30)]

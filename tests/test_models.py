@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
-from fed_crash.models import ModelError, get_layers, layer_path, load_model, state_hash
+from fed_crash.core.models import ModelError, get_layers, layer_path, load_model, state_hash
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
@@ -47,10 +47,10 @@ def test_hub_names_fail_clearly_and_at_once_offline(monkeypatch):
     a dataset or task name fails before ``datasets`` is asked."""
     import time
 
-    from fed_crash.data import DataError, load_instructions
-    from fed_crash.mc import load_task
+    from fed_crash.core.data import DataError, load_instructions
+    from fed_crash.evaluation.mc import load_task
 
-    monkeypatch.setattr("fed_crash.hub.hub_reachable", lambda: False)
+    monkeypatch.setattr("fed_crash.core.hub.hub_reachable", lambda: False)
     start = time.monotonic()
     with pytest.raises(ModelError, match="hub did not answer"):
         load_model("no-such-org/no-such-model-xyz")

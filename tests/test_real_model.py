@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fed_crash.artifacts import ADAPTERS, MANIFEST, WEIGHTS, load_emulator, save_emulator
+from fed_crash.core.artifacts import ADAPTERS, MANIFEST, WEIGHTS, load_emulator, save_emulator
 from fed_crash.config import DataConfig, EmulatorConfig
-from fed_crash.data import load_instructions, split_rows
-from fed_crash.models import load_model, state_hash
-from fed_crash.pipeline import plan_emulator
+from fed_crash.core.data import load_instructions, split_rows
+from fed_crash.core.models import load_model, state_hash
+from fed_crash.selection.plan import plan_emulator
 from tests.conftest import ALPACA
 
 pytestmark = pytest.mark.slow

@@ -19,15 +19,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file, save_file
 
-from fed_crash.artifacts import ArtifactError, PrivacyError, check_private, save_emulator
-from fed_crash.checkpoint import CHECKPOINT, read_checkpoint, rng_state, set_rng_state
+from fed_crash.core.artifacts import ArtifactError, PrivacyError, check_private, save_emulator
+from fed_crash.federation.checkpoint import CHECKPOINT, read_checkpoint, rng_state, set_rng_state
 from fed_crash.config import ConfigError, FaultConfig, FederationConfig
-from fed_crash.data import DataError
-from fed_crash.emulator import EmulatorSpec, SpecError, adapter_state
-from fed_crash.faults import KINDS, FaultPlan, corrupt_update, find_seed
-from fed_crash.federated import EMULATOR_FILES_KEY, EMULATOR_WEIGHTS_KEY, client_train, reproducible, serve
-from fed_crash.launch import check_run_config, flwr_run, free_port
-from fed_crash.models import ModelError
+from fed_crash.core.data import DataError
+from fed_crash.core.emulator import EmulatorSpec, SpecError, adapter_state
+from fed_crash.federation.faults import KINDS, FaultPlan, corrupt_update, find_seed
+from fed_crash.federation.server import EMULATOR_FILES_KEY, EMULATOR_WEIGHTS_KEY, client_train, reproducible, serve
+from fed_crash.tools.launch import check_run_config, flwr_run, free_port
+from fed_crash.core.models import ModelError
 from strategies import ClientClippingDP, OffsiteStrategy, make_strategy
 from tests.conftest import ROWS, LocalGrid, tiny_llama, write_run_files
 
@@ -309,7 +309,7 @@ def test_unknown_keys_are_named_before_flwr_run_starts(tmp_path):
     """Flower refuses a key the app's pyproject lacks with only "Invalid run configuration";
     the launcher names it first, and the pyproject lists every key of the schema."""
     from fed_crash.config import run_config_keys
-    from fed_crash.launch import app_run_config
+    from fed_crash.tools.launch import app_run_config
 
     assert sorted(app_run_config()) == run_config_keys()
     with pytest.raises(ConfigError, match=r"unknown key 'faults.crash_rat'; did you mean 'faults.crash-rate'"):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fed_crash.data import batches, pad_id, tokenize
-from fed_crash.emulator import build_emulator, make_spec
-from fed_crash.search import Probe, layer_sequence, search_kept
+from fed_crash.core.data import batches, pad_id, tokenize
+from fed_crash.core.emulator import build_emulator, make_spec
+from fed_crash.selection.search import Probe, layer_sequence, search_kept
 from tests.conftest import ROWS, tiny_llama
 
 

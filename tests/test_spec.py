@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fed_crash.emulator import (EmulatorSpec, SpecError, adapter_state, assemble, build_emulator, cluster_adjacent, emulator_state, make_spec,
+from fed_crash.core.emulator import (EmulatorSpec, SpecError, adapter_state, assemble, build_emulator, cluster_adjacent, emulator_state, make_spec,
                                 uniform_indices)
-from fed_crash.models import get_layers, layer_path
+from fed_crash.core.models import get_layers, layer_path
 
 
 @pytest.mark.parametrize("n,k", [(26, 10), (26, 14), (26, 18), (4, 2), (9, 3), (5, 5)])

@@ -11,8 +11,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fed_crash.config import ConfigError, FederationConfig, parse_run_config
-from fed_crash.federated import clip_update
-from fed_crash.train import proximal_term
+from fed_crash.federation.server import clip_update
+from fed_crash.core.train import proximal_term
 from strategies import STRATEGIES, ClientClippingDP, OffsiteStrategy, make_strategy, server_state
 from tests.conftest import LocalGrid
 
@@ -187,7 +187,7 @@ def test_bad_strategy_configs_fail_with_one_clear_line():
 @pytest.mark.parametrize("share, edge_fill", [(True, "nearest"), (False, "nearest"), (True, "adapter")])
 def test_emulator_weights_invert_assembly(tiny_model, share, edge_fill):
     """What the server writes after changing an emulator is what it would cut from the model."""
-    from fed_crash.emulator import EmulatorSpec, build_emulator, emulator_state, emulator_weights
+    from fed_crash.core.emulator import EmulatorSpec, build_emulator, emulator_state, emulator_weights
 
     spec = EmulatorSpec(8, 2, 2, kept=(3, 4), share=share, edge_fill=edge_fill)
     expected = emulator_state(tiny_model, spec)
@@ -198,10 +198,10 @@ def test_emulator_weights_invert_assembly(tiny_model, share, edge_fill):
 
 
 def test_alignment_pulls_the_emulator_toward_the_full_model_and_trains_only_its_middle(tiny_model, tokenizer):
-    from fed_crash.data import batches, pad_id, tokenize
-    from fed_crash.emulator import EmulatorSpec, build_emulator, emulator_weights
-    from fed_crash.fedbiot import _top_input, align_emulator, normalised_mse
-    from fed_crash.models import get_layers
+    from fed_crash.core.data import batches, pad_id, tokenize
+    from fed_crash.core.emulator import EmulatorSpec, build_emulator, emulator_weights
+    from fed_crash.federation.fedbiot import _top_input, align_emulator, normalised_mse
+    from fed_crash.core.models import get_layers
     from tests.conftest import ROWS
 
     spec = EmulatorSpec(8, 2, 2, kept=(3, 5), share=True)  # shared: positions 2, 4 (and 6, 7) reuse 3 and 5
@@ -232,7 +232,7 @@ def test_alignment_pulls_the_emulator_toward_the_full_model_and_trains_only_its_
 
 
 def test_normalised_mse_by_hand():
-    from fed_crash.fedbiot import normalised_mse
+    from fed_crash.federation.fedbiot import normalised_mse
 
     teacher = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
     student = torch.tensor([[[1.0, 1.0], [3.0, 6.0], [0.0, 0.0]]])

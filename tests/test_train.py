@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fed_crash.config import TrainConfig
-from fed_crash.data import batches, collate, pad_id, tokenize
-from fed_crash.emulator import EmulatorSpec, build_emulator
-from fed_crash.train import evaluate, response_loss, train_adapters
+from fed_crash.core.data import batches, collate, pad_id, tokenize
+from fed_crash.core.emulator import EmulatorSpec, build_emulator
+from fed_crash.core.train import evaluate, response_loss, train_adapters
 from tests.conftest import ROWS
 
 

@@ -5,6 +5,6 @@ Everything substantial (model, emulator, data, training, evaluation) lives in th
 names the pieces the app uses.
 """
 
-from fed_crash.federated import client_query, client_train, run_config, serve
+from fed_crash.federation.server import client_query, client_train, run_config, serve
 
 __all__ = ["client_query", "client_train", "run_config", "serve"]

@@ -7,7 +7,7 @@ and optionally the plug-in each one yields after offsite-tuning.
 * ``crash``: CRaSh's CKA clusters with the attention-sink token left out of pooling (the
   ``skip_first``/``outlier_norm`` of the emulator config, sink-aware by default);
 * ``crash-sink``: CRaSh as published, pooling over every token, sink included;
-* ``search``: the kept set with the lowest divergence from the full model (:mod:`fed_crash.search`).
+* ``search``: the kept set with the lowest divergence from the full model (:mod:`fed_crash.selection.search`).
 
 Every method sees the same held-out, calibration and training rows. The CKA matrices and the
 search probe are computed once and reused across budgets; each method's build time is what a
@@ -23,13 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import DataConfig, EmulatorConfig, TrainConfig
-from .data import load_instructions, pad_id, split_rows, tokenize
-from .emulator import adapter_state, build_emulator, make_spec, plug_in
-from .models import get_layers, load_model
-from .pipeline import layer_similarity, plan_emulator, search_probe
-from .search import layer_sequence
-from .train import evaluate, train_adapters
+from fed_crash.config import DataConfig, EmulatorConfig, TrainConfig
+from fed_crash.core.data import load_instructions, pad_id, split_rows, tokenize
+from fed_crash.core.emulator import adapter_state, build_emulator, make_spec, plug_in
+from fed_crash.core.models import get_layers, load_model
+from fed_crash.selection.plan import layer_similarity, plan_emulator, search_probe
+from fed_crash.selection.search import layer_sequence
+from fed_crash.core.train import evaluate, train_adapters
 
 log = logging.getLogger(__name__)
 

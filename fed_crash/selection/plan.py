@@ -19,14 +19,14 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artifacts import save_adapters, save_emulator
-from .cka import cka_matrix, layer_features
-from .config import DataConfig, EmulatorConfig, TrainConfig, TuneSizes, to_dict
-from .data import Tokenized, batches, load_instructions, pad_id, split_rows, tokenize
-from .emulator import EmulatorSpec, build_emulator, make_spec, plug_in
-from .models import get_layers, load_model, state_hash
-from .search import Probe, search_kept
-from .train import evaluate, train_adapters
+from fed_crash.core.artifacts import save_adapters, save_emulator
+from fed_crash.selection.cka import cka_matrix, layer_features
+from fed_crash.config import DataConfig, EmulatorConfig, TrainConfig, TuneSizes, to_dict
+from fed_crash.core.data import Tokenized, batches, load_instructions, pad_id, split_rows, tokenize
+from fed_crash.core.emulator import EmulatorSpec, build_emulator, make_spec, plug_in
+from fed_crash.core.models import get_layers, load_model, state_hash
+from fed_crash.selection.search import Probe, search_kept
+from fed_crash.core.train import evaluate, train_adapters
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def plan_emulator(
 ) -> tuple[EmulatorSpec, torch.Tensor | None]:
     """The emulator spec for ``model``. CRaSh clusters the layers by CKA on ``calibration``;
     search starts from the uniform and CRaSh sets and lowers the divergence from the full model
-    on the first ``search_samples`` calibration rows (:mod:`fed_crash.search`). A caller that
+    on the first ``search_samples`` calibration rows (:mod:`fed_crash.selection.search`). A caller that
     plans several emulators on the same rows passes the ``similarity`` and ``probe`` it has;
     ``cache`` keeps the CKA matrix between runs (:func:`layer_similarity`)."""
     selection: dict = {}

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update, get_norm
 from safetensors.torch import load_file
 
-from .artifacts import (
+from fed_crash.core.artifacts import (
     FORMAT,
     MANIFEST,
     WEIGHTS,
@@ -42,7 +42,7 @@ from .artifacts import (
     save_emulator,
     save_tensors,
 )
-from .checkpoint import (
+from fed_crash.federation.checkpoint import (
     Checkpoint,
     check_resumable,
     read_checkpoint,
@@ -51,16 +51,16 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .config import ConfigError, RunConfig, parse_run_config
-from .data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, tokenize
-from .emulator import AdapterError, Emulator, EmulatorSpec, adapter_state, build_emulator, check_adapters, emulator_weights, plug_in
-from .errors import FedCrashError
-from .faults import FaultPlan, corrupt_update, crash_midway, stall
-from .fedbiot import align_emulator
-from .models import default_cache_dir, load_model, resolve_device, state_hash
-from .partition import make_partitioner, partition_rows, server_and_client_rows
-from .pipeline import calibration_rows, needs_calibration, plan_emulator
-from .train import evaluate, proximal_term, train_adapters
+from fed_crash.config import ConfigError, RunConfig, parse_run_config
+from fed_crash.core.data import DEFAULT_HUB_DATASET, Tokenized, load_instructions, pad_id, tokenize
+from fed_crash.core.emulator import AdapterError, Emulator, EmulatorSpec, adapter_state, build_emulator, check_adapters, emulator_weights, plug_in
+from fed_crash.errors import FedCrashError
+from fed_crash.federation.faults import FaultPlan, corrupt_update, crash_midway, stall
+from fed_crash.federation.fedbiot import align_emulator
+from fed_crash.core.models import default_cache_dir, load_model, resolve_device, state_hash
+from fed_crash.federation.partition import make_partitioner, partition_rows, server_and_client_rows
+from fed_crash.selection.plan import calibration_rows, needs_calibration, plan_emulator
+from fed_crash.core.train import evaluate, proximal_term, train_adapters
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def client_train(msg: Message, context: Context) -> Message:
     delivery = time.time() - msg.metadata.created_at
     cfg = run_config(context)
     if not cfg.fed.progress:  # keep the run's console to one line per round
-        logging.getLogger("fed_crash.train").setLevel(logging.WARNING)
+        logging.getLogger("fed_crash.core.train").setLevel(logging.WARNING)
     clock = time.perf_counter()
     folder = _receive_emulator(msg, context)
     adapters = msg.content["arrays"].to_torch_state_dict()
@@ -290,7 +290,7 @@ def clip_update(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
 
 def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> RecordDict:
     """The records a node needs once: the emulator's tensors and its small files, checked by
-    :func:`fed_crash.artifacts.check_private` before they may leave the server (no removed
+    :func:`fed_crash.core.artifacts.check_private` before they may leave the server (no removed
     layer, no adapter, no checkpoint file)."""
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.suffix != ".safetensors"}
     weights = load_file(str(folder / WEIGHTS))
@@ -367,11 +367,11 @@ def serve(grid: Grid, context: Context) -> Path:
 
     Everything that can be wrong with the input (run config, data, model, emulator spec,
     clients against examples, a checkpoint to resume) is checked before the run folder is
-    touched. Each round ends with a checkpoint (:mod:`fed_crash.checkpoint`); ``resume=true``
+    touched. Each round ends with a checkpoint (:mod:`fed_crash.federation.checkpoint`); ``resume=true``
     continues from the last one."""
     from strategies import ClientClippingDP, OffsiteStrategy, RoundTraffic, make_strategy, restore_server_state, server_state
 
-    from .mc import HUB_TASKS, load_task, score_mc
+    from fed_crash.evaluation.mc import HUB_TASKS, load_task, score_mc
 
     start = time.perf_counter()
     laps = Laps()

@@ -14,9 +14,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from .config import TrainConfig
-from .data import IGNORE, Tokenized, batches
-from .emulator import Emulator
+from fed_crash.config import TrainConfig
+from fed_crash.core.data import IGNORE, Tokenized, batches
+from fed_crash.core.emulator import Emulator
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def train_adapters(
     which is all a federated client needs to upload.
     ``extra_loss`` is added to every step's loss (e.g. a proximal term in federated training).
     ``on_step`` is called with the step count after every optimizer step (fault injection
-    raises from it: :func:`fed_crash.faults.crash_midway`).
+    raises from it: :func:`fed_crash.federation.faults.crash_midway`).
     ``step_seconds`` is the median time of one optimizer step after the first (which pays for
     lazy allocations), so runs of different lengths and runtimes compare like for like.
     """

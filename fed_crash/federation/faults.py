@@ -29,8 +29,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import FaultConfig
-from .errors import FedCrashError
+from fed_crash.config import FaultConfig
+from fed_crash.errors import FedCrashError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def find_seed(cfg: FaultConfig, partitions: int, rounds: int, accept: Callable[[
 
 
 def crash_midway(at_step: int, partition: int, server_round: int) -> Callable[[int], None]:
-    """A per-step callback for :func:`fed_crash.train.train_adapters` that raises
+    """A per-step callback for :func:`fed_crash.core.train.train_adapters` that raises
     :class:`InjectedFault` once ``at_step`` optimizer steps are done: a client crashing
     mid-training (the client passes half its steps)."""
 

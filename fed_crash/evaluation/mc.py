@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import IGNORE, DataError, Tokenized, collate, pad_id
-from .hub import datasets_hub_unreachable
-from .models import get_layers
-from .train import sequence_logprobs
+from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, pad_id
+from fed_crash.core.hub import datasets_hub_unreachable
+from fed_crash.core.models import get_layers
+from fed_crash.core.train import sequence_logprobs
 
 log = logging.getLogger(__name__)
 

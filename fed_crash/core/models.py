@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from .errors import FedCrashError
-from .hub import offline_unless_reachable
+from fed_crash.errors import FedCrashError
+from fed_crash.core.hub import offline_unless_reachable
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from .emulator import Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
-from .models import layer_path, resolve_device, state_hash
-from .errors import FedCrashError
+from fed_crash.core.emulator import Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
+from fed_crash.core.models import layer_path, resolve_device, state_hash
+from fed_crash.errors import FedCrashError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def save_emulator(
 ) -> Path:
     """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring).
     ``weights``: the emulator's own weights when they changed after the cut (FedBiOT's
-    alignment, see :func:`fed_crash.emulator.emulator_weights`); else cut from ``model``."""
+    alignment, see :func:`fed_crash.core.emulator.emulator_weights`); else cut from ``model``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = emulator_state(model, spec) if weights is None else weights

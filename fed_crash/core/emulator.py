@@ -26,8 +26,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from .models import get_layers, layer_path, set_layers
-from .errors import FedCrashError
+from fed_crash.core.models import get_layers, layer_path, set_layers
+from fed_crash.errors import FedCrashError
 
 EdgeFill = Literal["nearest", "adapter"]
 FROZEN_PREFIX = "frozen_copy"  # state-dict prefix of frozen copies of initial adapter layers
@@ -216,7 +216,7 @@ def make_spec(
         clusters = cluster_adjacent(similarity, middle, k)
         kept = [c[len(c) // 2] for c in clusters]
     else:
-        raise SpecError(f"unknown emulator method {method!r}; expected 'uniform' or 'crash' ('search' is planned by fed_crash.pipeline.plan_emulator)")
+        raise SpecError(f"unknown emulator method {method!r}; expected 'uniform' or 'crash' ('search' is planned by fed_crash.selection.plan.plan_emulator)")
     return EmulatorSpec(num_layers, bottom, top, tuple(kept), share, edge_fill, method, tuple(map(tuple, clusters)))
 
 

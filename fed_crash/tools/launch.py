@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
-APP = Path(__file__).resolve().parents[1] / "simulations" / "alpaca"
+APP = Path(__file__).resolve().parents[2] / "simulations" / "alpaca"
 
 
 def toml_value(value: Any) -> str:
@@ -55,7 +55,7 @@ def check_run_config(values: Mapping[str, Any] | str, app: Path = APP) -> dict[s
     then parsed as the server will (types, choices, bounds). Returns the overrides as a dict."""
     from flwr.common.config import parse_config_args
 
-    from .config import parse_run_config, unknown_key
+    from fed_crash.config import parse_run_config, unknown_key
 
     overrides = parse_config_args([values]) if isinstance(values, str) else dict(values)
     defaults = app_run_config(app)

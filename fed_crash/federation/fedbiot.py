@@ -8,7 +8,7 @@ full model's on its public rows: with the current global adapters in both, the h
 entering the first top adapter layer should match. Only the emulator's kept middle layers
 train (a shared layer is one module, trained once for all its positions); adapters, frozen
 copies, embeddings and the full model stay as they are. The client side of FedBiOT is the
-proximal regulariser (``fedbiot-lambda``, :func:`fed_crash.train.proximal_term`).
+proximal regulariser (``fedbiot-lambda``, :func:`fed_crash.core.train.proximal_term`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data import Tokenized, batches
-from .emulator import Emulator
-from .models import get_layers
+from fed_crash.core.data import Tokenized, batches
+from fed_crash.core.emulator import Emulator
+from fed_crash.core.models import get_layers
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE
-from .emulator import EmulatorSpec, SpecError
-from .models import get_layers, set_layers
+from fed_crash.core.data import IGNORE
+from fed_crash.core.emulator import EmulatorSpec, SpecError
+from fed_crash.core.models import get_layers, set_layers
 
 log = logging.getLogger(__name__)
 

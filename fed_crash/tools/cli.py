@@ -13,11 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import config as C
-from .errors import FedCrashError
-from .compare import METHODS as COMPARE_METHODS
-from .mc import HUB_TASKS as HUB_TASK_NAMES
-from .models import DEFAULT_MODEL
+from fed_crash import config as C
+from fed_crash.errors import FedCrashError
+from fed_crash.evaluation.compare import METHODS as COMPARE_METHODS
+from fed_crash.evaluation.mc import HUB_TASKS as HUB_TASK_NAMES
+from fed_crash.core.models import DEFAULT_MODEL
 
 log = logging.getLogger("fed_crash")
 
@@ -155,7 +155,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_inputs(args: argparse.Namespace) -> tuple:
-    from .evaluation import load_tasks
+    from fed_crash.evaluation.report import load_tasks
 
     data, cfg = C.from_args(C.DataConfig, args), C.from_args(C.EvalConfig, args)
     if not args.task and not cfg.instruct_examples:
@@ -164,10 +164,10 @@ def _eval_inputs(args: argparse.Namespace) -> tuple:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .artifacts import load_adapters, load_emulator
-    from .emulator import plug_in
-    from .evaluation import evaluate_model, held_out_rows, markdown_table
-    from .models import load_model
+    from fed_crash.core.artifacts import load_adapters, load_emulator
+    from fed_crash.core.emulator import plug_in
+    from fed_crash.evaluation.report import evaluate_model, held_out_rows, markdown_table
+    from fed_crash.core.models import load_model
 
     tasks, data, cfg = _eval_inputs(args)
     if args.emulator:
@@ -191,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .evaluation import four_model_report, markdown_table
+    from fed_crash.evaluation.report import four_model_report, markdown_table
 
     tasks, data, cfg = _eval_inputs(args)
     report = four_model_report(args.model, args.emulator, args.adapters, tasks, data, cfg, args.out, cache_dir=args.cache_dir,
@@ -201,10 +201,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:
-    from .artifacts import load_adapters
-    from .data import pad_id, tokenize
-    from .evaluation import held_out_rows, interpolate_adapters, plot_interpolation
-    from .models import load_model
+    from fed_crash.core.artifacts import load_adapters
+    from fed_crash.core.data import pad_id, tokenize
+    from fed_crash.evaluation.report import held_out_rows, interpolate_adapters, plot_interpolation
+    from fed_crash.core.models import load_model
 
     data = C.from_args(C.DataConfig, args)
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
@@ -225,7 +225,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from .launch import APP, flwr_run, local_deployment, ray_head
+    from fed_crash.tools.launch import APP, flwr_run, local_deployment, ray_head
 
     home = Path(args.flwr_home).resolve()
     app = Path(args.app).resolve() if args.app else APP
@@ -248,7 +248,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiment import load_experiment, run_experiment
+    from fed_crash.tools.experiment import load_experiment, run_experiment
 
     experiment = load_experiment(args.config, dict(_toml_assignment(item) for item in args.set))
     print(f"experiment {experiment.config.name}: {len(experiment.cells)} cells -> {experiment.folder}", flush=True)
@@ -267,9 +267,9 @@ def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.E
 
 
 def cmd_emulator_build(args: argparse.Namespace) -> None:
-    from .artifacts import save_emulator
-    from .models import load_model
-    from .pipeline import calibration_rows, needs_calibration, plan_emulator
+    from fed_crash.core.artifacts import save_emulator
+    from fed_crash.core.models import load_model
+    from fed_crash.selection.plan import calibration_rows, needs_calibration, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
@@ -283,7 +283,7 @@ def cmd_emulator_build(args: argparse.Namespace) -> None:
 
 
 def cmd_emulator_compare(args: argparse.Namespace) -> None:
-    from .compare import compare_emulators, markdown
+    from fed_crash.evaluation.compare import compare_emulators, markdown
 
     train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
     emu = C.from_args(C.EmulatorConfig, args)
@@ -300,9 +300,9 @@ def cmd_emulator_compare(args: argparse.Namespace) -> None:
 def cmd_emulator_inspect(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
-    from .artifacts import ADAPTERS, WEIGHTS, ArtifactError, read_manifest
-    from .emulator import FROZEN_PREFIX, EmulatorSpec
-    from .models import state_hash
+    from fed_crash.core.artifacts import ADAPTERS, WEIGHTS, ArtifactError, read_manifest
+    from fed_crash.core.emulator import FROZEN_PREFIX, EmulatorSpec
+    from fed_crash.core.models import state_hash
 
     folder = Path(args.folder)
     manifest = read_manifest(folder)
@@ -331,7 +331,7 @@ def cmd_emulator_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from .pipeline import tune
+    from fed_crash.selection.plan import tune
 
     train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
     report = tune(
@@ -345,9 +345,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_plugin(args: argparse.Namespace) -> None:
-    from .artifacts import load_adapters
-    from .emulator import plug_in
-    from .models import load_model
+    from fed_crash.core.artifacts import load_adapters
+    from fed_crash.core.emulator import plug_in
+    from fed_crash.core.models import load_model
 
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
     plug_in(loaded.model, load_adapters(args.adapters))
@@ -357,9 +357,9 @@ def cmd_plugin(args: argparse.Namespace) -> None:
 
 
 def cmd_similarity(args: argparse.Namespace) -> None:
-    from .cka import plot_clusters, plot_cka
-    from .models import load_model
-    from .pipeline import calibration_rows, plan_emulator
+    from fed_crash.selection.cka import plot_clusters, plot_cka
+    from fed_crash.core.models import load_model
+    from fed_crash.selection.plan import calibration_rows, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args, method="crash")
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)

@@ -16,8 +16,8 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
-from .config import DataConfig, FederationConfig
-from .data import DataError, split_rows
+from fed_crash.config import DataConfig, FederationConfig
+from fed_crash.core.data import DataError, split_rows
 
 if TYPE_CHECKING:  # flwr-datasets imports the datasets library: only where partitioning runs
     from flwr_datasets.partitioner import Partitioner
@@ -52,7 +52,7 @@ def make_partitioner(pool: Sequence[dict[str, str]], fed: FederationConfig, num_
     """The ``flwr-datasets`` partitioner of the client pool into ``num_partitions`` shards.
     Building it (an Arrow table of the whole pool, derived labels) costs far more than reading
     one shard from it, so a worker that serves many nodes builds it once (see
-    :func:`fed_crash.federated.client_train`)."""
+    :func:`fed_crash.federation.server.client_train`)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 

@@ -17,7 +17,7 @@ An experiment file (TOML)::
     crash = { emulator = { method = "crash", share = true } }
 
 The cells are the product of the axes (a variant's overrides win over the base), named by
-their variant names joined with ``_``. Each runs through :func:`fed_crash.launch.flwr_run`, the
+their variant names joined with ``_``. Each runs through :func:`fed_crash.tools.launch.flwr_run`, the
 code path of ``fed-crash simulate``, into ``<results-dir>/<name>/<cell>/``; a cell whose
 ``cell.json`` exists has finished and is skipped, so a stopped experiment resumes where it
 was. Every cell's config is checked before the first one runs. At the end ``summary.md``,
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError, ExperimentConfig, from_mapping, parse_run_config
-from .launch import check_run_config
+from fed_crash.config import ConfigError, ExperimentConfig, from_mapping, parse_run_config
+from fed_crash.tools.launch import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Experiment:
 
     @property
     def folder(self) -> Path:
-        from .federated import resolve_path
+        from fed_crash.federation.server import resolve_path
 
         return resolve_path(self.config.results_dir) / self.config.name
 
@@ -136,7 +136,7 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
     """Run every unfinished cell, then write the summary. Returns each cell's status. A cell
     that finished with another run config than the file gives it now is an error: skipping it
     would mix two experiments in one summary."""
-    from .launch import flwr_run, free_port
+    from fed_crash.tools.launch import flwr_run, free_port
 
     folder = experiment.folder
     for cell in experiment.cells:

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .artifacts import MANIFEST, ArtifactError, load_adapters, read_manifest
-from .config import ConfigError, RunConfig
-from .models import state_hash
+from fed_crash.core.artifacts import MANIFEST, ArtifactError, load_adapters, read_manifest
+from fed_crash.config import ConfigError, RunConfig
+from fed_crash.core.models import state_hash
 
 CHECKPOINT = "checkpoint.json"
 FORMAT = "fed-crash-checkpoint/1"

@@ -3,7 +3,7 @@
 Offsite-tuning asks three questions: does the plug-in beat the full model zero-shot, how far is
 it from fine-tuning, and how good is the emulator. :func:`four_model_report` answers them on
 the same tasks for full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in, with
-multiple-choice accuracy (:mod:`fed_crash.mc`), held-out loss/perplexity on response tokens and
+multiple-choice accuracy (:mod:`fed_crash.evaluation.mc`), held-out loss/perplexity on response tokens and
 ROUGE-L of greedy answers to held-out instructions.
 """
 
@@ -19,13 +19,13 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import ArtifactError, load_adapters, load_emulator
-from .config import DataConfig, EvalConfig, to_dict
-from .data import format_prompt, load_instructions, pad_id, split_rows, tokenize
-from .emulator import check_adapters, plug_in
-from .mc import HUB_TASKS, Fields, McTask, load_task, score_mc, supports_prefix_cache
-from .models import load_model, state_hash
-from .train import evaluate
+from fed_crash.core.artifacts import ArtifactError, load_adapters, load_emulator
+from fed_crash.config import DataConfig, EvalConfig, to_dict
+from fed_crash.core.data import format_prompt, load_instructions, pad_id, split_rows, tokenize
+from fed_crash.core.emulator import check_adapters, plug_in
+from fed_crash.evaluation.mc import HUB_TASKS, Fields, McTask, load_task, score_mc, supports_prefix_cache
+from fed_crash.core.models import load_model, state_hash
+from fed_crash.core.train import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
-from .errors import FedCrashError
-from .hub import datasets_hub_unreachable
+from fed_crash.errors import FedCrashError
+from fed_crash.core.hub import datasets_hub_unreachable
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .models import get_layers
+from fed_crash.core.models import get_layers
 
 Pooling = Literal["mean", "last", "weighted"]
 

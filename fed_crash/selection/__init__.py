@@ -1,0 +1,1 @@
+"""Layer selection: which middle layers an emulator keeps."""

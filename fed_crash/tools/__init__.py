@@ -1,0 +1,1 @@
+"""The tools users run: the ``fed-crash`` command, ``flwr run`` from Python, experiments."""
