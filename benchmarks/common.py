@@ -194,7 +194,7 @@ def emulator_folder(work: Path, name: str, overrides: dict[str, Any]) -> Path:
     if (folder / "emulator.json").is_file():
         return folder
     from fed_crash.core.artifacts import save_emulator
-    from fed_crash.federation.server import calibration_slice, public_rows_needed
+    from fed_crash.federation.partition import calibration_slice, public_rows_needed
     from fed_crash.core.data import load_instructions
     from fed_crash.core.models import load_model
     from fed_crash.federation.partition import server_and_client_rows

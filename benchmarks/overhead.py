@@ -43,7 +43,7 @@ def plain_steps(folder: Path, overrides: dict, threads: int) -> tuple[list[float
 
     from fed_crash.core.artifacts import load_emulator
     from fed_crash.core.data import batches, load_instructions, pad_id, tokenize
-    from fed_crash.federation.server import calibration_slice
+    from fed_crash.federation.partition import calibration_slice
     from fed_crash.federation.partition import client_shard, server_and_client_rows
     from fed_crash.core.train import response_loss
 
@@ -52,7 +52,7 @@ def plain_steps(folder: Path, overrides: dict, threads: int) -> tuple[list[float
     emulator, tokenizer, _ = load_emulator(folder)
     pool = server_and_client_rows(load_instructions(cfg.data.data), cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
     examples = tokenize(client_shard(pool, cfg.fed, 0, 1, seed=cfg.data.seed), tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
-    train = replace(cfg.train, seed=cfg.train.seed + 1000 * 1 + 0)  # what client_train uses in round 1 for partition 0
+    train = replace(cfg.train, seed=cfg.train.seed + 1000 * 1 + 0)  # what the client's train handler uses in round 1 for partition 0
     torch.manual_seed(train.seed)
     params = emulator.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)

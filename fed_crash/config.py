@@ -10,14 +10,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
-from fed_crash.core.data import DEFAULT_HUB_DATASET
 from fed_crash.errors import FedCrashError
+
+
+DEFAULT_HUB_DATASET = "tatsu-lab/alpaca"  # the instruction data when no local path is given
+
+
+# The strategies package registers one strategy under each of these names (a test checks that
+# they agree); differential privacy's noise protects only a plain mean.
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+DP_STRATEGIES = ("fedavg", "fedprox")
+DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (fed_crash.core.models)
+# Names the CLI offers before anything heavy is imported; fed_crash.evaluation.mc.HUB_TASKS and
+# fed_crash.evaluation.compare.VARIANTS hold one entry under each (a test checks that they agree).
+HUB_TASK_NAMES = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "hellaswag", "sciq")
+COMPARE_METHODS = ("uniform", "crash", "crash-sink", "search")
 
 
 class ConfigError(FedCrashError):
     """An unknown key or a value of the wrong type; the message names the key."""
+
+
+def resolve_path(path: str) -> Path:
+    """A path in a run config or experiment file: absolute, or relative to ``$FED_CRASH_ROOT``
+    (else the working directory of the process, which for ``flwr run`` is where the SuperLink
+    started)."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else Path(os.environ.get("FED_CRASH_ROOT", os.getcwd())) / candidate
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
@@ -36,22 +59,44 @@ class DataConfig:
 
 
 @dataclass
-class EmulatorConfig:
-    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model)", choices=("uniform", "crash", "search"))
+class SpecOptions:
+    """What every layer-selection method takes: the adapters, the budget, what fills removed positions."""
+
     bottom: int = opt(2, "adapter layers at the bottom (trained by data owners)")
     top: int = opt(2, "adapter layers at the top (trained by data owners)")
     keep: int = opt(0, "middle layers to keep; 0 means use --keep-ratio")
     keep_ratio: float = opt(0.4, "fraction of the middle span to keep when --keep is 0 (0.4: 10 of 26 for a 30-layer model)")
     share: bool = opt(True, "fill removed positions with the nearest kept layer (tied), keeping full depth")
     edge_fill: str = opt("nearest", "fill removed positions next to an adapter with the 'nearest' kept layer or a frozen copy of the 'adapter'", choices=("nearest", "adapter"))
+
+
+@dataclass
+class CrashOptions:
+    """CRaSh's options: CKA of the layers' pooled states on calibration rows."""
+
     calib_samples: int = opt(512, "calibration samples for CRaSh's CKA (formatted like training data)")
     pooling: str = opt("mean", "how a layer's token states become one vector per sample", choices=("mean", "last", "weighted"))
     skip_first: int = opt(1, "leave the first N tokens out of CKA pooling (1, the default, removes the attention-sink token; 0 is CRaSh as published)")
     outlier_norm: float = opt(0.0, "also leave out of CKA pooling any position whose state norm exceeds this multiple of the sample's median (0 = off)")
+    calib_batch_size: int = opt(8, "batch size of the calibration forward passes")
+
+
+@dataclass
+class SearchOptions:
+    """Search's options: the divergence it lowers, on how many rows, for how long."""
+
     divergence: str = opt("kl", "search: what it minimises on the calibration responses, KL(full || emulator) of next-token distributions or normalised 'mse' of the last hidden state", choices=("kl", "mse"))
     search_samples: int = opt(32, "search: calibration samples (the first of calib-samples) the divergence is measured on")
     search_evaluations: int = opt(150, "search: cap on divergence evaluations (each runs the emulator over search-samples from the first changed layer)")
-    calib_batch_size: int = opt(8, "batch size of the calibration forward passes")
+
+
+@dataclass
+class EmulatorConfig(SearchOptions, CrashOptions, SpecOptions):
+    """Every emulator option (the CLI's flags, the run config's ``emulator.*`` section): the
+    options of every method (:mod:`fed_crash.selection` says which method reads which) and the
+    method's name."""
+
+    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model)", choices=("uniform", "crash", "search"))
 
 
 @dataclass
@@ -91,7 +136,7 @@ class FederationConfig:
     model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
     cache_dir: str = opt("", "model and CKA-similarity cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     num_server_rounds: int = opt(3, "federated rounds", min=1)
-    strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package: fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, fedmedian, fedtrimmedavg, krum")
+    strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package", choices=STRATEGY_NAMES)
     proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss")
     fedbiot_lambda: float = opt(0.0, "FedBiOT-style regulariser (any strategy): clients add lambda * ||adapters - round-start adapters||^2 to their loss (0 = off)")
     fedbiot_align_steps: int = opt(0, "FedBiOT server alignment: after each round (and before the first) distil the emulator's middle toward the full model's on the server's public rows for this many steps, then resend the emulator (0 = off)")
@@ -216,6 +261,13 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
     if cfg.train.lora_rank > 0 and (cfg.fed.fedbiot_lambda > 0 or (cfg.fed.strategy.lower() == "fedprox" and cfg.fed.proximal_mu > 0)):
         # with LoRA the adapter weights are frozen and the term would be a constant: no effect
         raise ConfigError("run config: proximal terms (fedprox's proximal-mu, fedbiot-lambda) need full adapter training (train.lora-rank = 0)")
+    fed = cfg.fed
+    if fed.dp_clipping_norm > 0 and fed.strategy not in DP_STRATEGIES:
+        raise ConfigError(f"run config: differential privacy (dp-clipping-norm > 0) needs an unweighted mean: strategy {' or '.join(DP_STRATEGIES)}, got {fed.strategy!r}")
+    if fed.dp_clipping_norm > 0 and (fed.dp_noise_multiplier <= 0 or not 0 < fed.dp_delta < 1):
+        raise ConfigError(f"run config: differential privacy needs dp-noise-multiplier > 0 and 0 < dp-delta < 1, got {fed.dp_noise_multiplier} and {fed.dp_delta}")
+    if not 0.0 <= fed.trimmed_beta < 0.5:
+        raise ConfigError(f"run config: 'trimmed-beta' must be in [0, 0.5), got {fed.trimmed_beta}")
     if cfg.fed.fedbiot_align_steps > 0 and cfg.emulator.top == 0:
         raise ConfigError("run config: fedbiot-align-steps aligns the hidden states entering the top adapters: it needs emulator.top > 0")
     return cfg

@@ -1,8 +1,8 @@
 """Central differential privacy with client-side fixed clipping, and the privacy it spends.
 
 Flower's :class:`DifferentialPrivacyClientSideFixedClipping` sends the clipping norm to the
-clients (``clipping_norm`` in the train config; the client clips its adapter update, see
-:func:`fed_crash.federation.server.clip_update`) and adds Gaussian noise with standard deviation
+clients (``clipping_norm`` in the train config; on the client, Flower's own ``fixedclipping_mod`` clips
+the adapter update, see :func:`fed_crash.federation.client.dp_clipping_mod`) and adds Gaussian noise with standard deviation
 ``noise_multiplier * clipping_norm / sampled clients`` to the aggregate. Two things are added
 here:
 
@@ -33,9 +33,10 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-log = logging.getLogger(__name__)
+from fed_crash.federation.checkpoint import StrategyState
+from fed_crash.federation.protocol import DP_DELTA, DP_EPSILON, DP_RELEASES
 
-UNIT_WEIGHT_KEY = "unit-weight"  # metric (always 1) a clipping client reports: the DP mean is unweighted
+log = logging.getLogger(__name__)
 
 
 class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
@@ -60,14 +61,21 @@ class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
             ))
         return self._accountant
 
-    def restore(self, releases: list[list[int]]) -> None:
-        """Replay a checkpoint's :attr:`releases` into a fresh accountant (resume): a resumed
-        run keeps counting the privacy spent before it was stopped."""
-        for server_round, sampled, population in releases:
+    def state_dict(self) -> StrategyState:
+        """The wrapped strategy's state, and the rounds released so far (the accountant's state)."""
+        inner = self.strategy.state_dict()
+        return StrategyState(inner.tensors, {**inner.meta, "dp_releases": [list(r) for r in self.releases]})
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        """Replay the released rounds into a fresh accountant (resume): a resumed run keeps
+        counting the privacy spent before it was stopped."""
+        meta = dict(state.meta)
+        for server_round, sampled, population in meta.pop("dp_releases", []):
             accountant = self._accountant_for(population)
             accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, sampled, accountant.config.population_size))
             self.spent[server_round] = accountant.get_privacy_spent()
             self.releases.append((server_round, sampled, population))
+        self.strategy.load_state_dict(StrategyState(state.tensors, meta))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -90,4 +98,6 @@ class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
             self._accountant.compose(event)
             self.spent[server_round] = self._accountant.get_privacy_spent()
             self.releases.append((server_round, event.sample_size, event.population_size))
+            spent = self.spent[server_round]
+            metrics = MetricRecord({**(metrics or {}), DP_EPSILON: spent.epsilon, DP_DELTA: spent.delta, DP_RELEASES: spent.num_releases})
         return arrays, metrics

@@ -13,10 +13,6 @@ from fed_crash.core.emulator import AdapterError
 from fed_crash.core.train import LORA_U, LORA_V
 
 
-def is_low_rank(arrays: ArrayRecord) -> bool:
-    return any(key.startswith(LORA_U) for key in arrays)
-
-
 def expand_low_rank(sent: ArrayRecord, factors: ArrayRecord) -> ArrayRecord:
     """Dense adapters ``W_sent + U @ V`` for every factored weight, ``W_sent`` for the rest
     (weights LoRA does not adapt cannot change). Factors that name no sent weight, come

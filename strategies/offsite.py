@@ -1,32 +1,29 @@
-"""Wrap any Flower strategy for offsite-tuning: emulator once per node, reproducible sampling,
+"""Wrap any Flower strategy for offsite-tuning: the emulator exchange, reproducible sampling,
 validated replies, every failure recorded, and round numbers that survive a resume."""
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_crash.core.emulator import AdapterError
+from fed_crash.federation import protocol as P
 from fed_crash.federation.faults import FaultPlan
 
-from .lowrank import expand_low_rank, is_low_rank
-from .validate import ARRAYS_KEY, check_reply
+from .lowrank import expand_low_rank
+from fed_crash.federation.checkpoint import StrategyState
+from fed_crash.federation.protocol import RoundTraffic
 
 log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT_S = 600.0  # a node's first message loads the ClientApp (torch, transformers): give it time
-PARTITION_KEY = "partition-id"  # node config keys a node reports when asked (QUERY message)
-NUM_PARTITIONS_KEY = "num-partitions"
-CLIENT_RECORD = "client"  # the ConfigRecord that carries them
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -40,21 +37,6 @@ def record_bytes(content: RecordDict) -> int:
         elif isinstance(record, MetricRecord):
             total += 8 * len(record)
     return total
-
-
-@dataclass
-class RoundTraffic:
-    """What one round sent and received, per client (partition id: node ids change from run to
-    run, partition ids do not), which clients failed and why, and whether it aggregated."""
-
-    down: dict[int, int] = field(default_factory=dict)
-    up: dict[int, int] = field(default_factory=dict)
-    emulator_down: dict[int, int] = field(default_factory=dict)
-    clients: list[dict] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)  # {"partition", "node", "kind", "reason"}; kind: offline, error, timeout, rejected
-    aggregated: bool = False  # False: the round kept the previous adapters (see note)
-    note: str = ""
-    aggregate_seconds: float = 0.0  # the server's aggregation, low-rank expansion and validation included
 
 
 class PartitionOrderedGrid:
@@ -75,51 +57,34 @@ class PartitionOrderedGrid:
 
 
 def query_partitions(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[int, tuple[int, int]]:
-    """Ask nodes for their ``partition-id`` and ``num-partitions`` (the ClientApp's query
-    handler answers from its node config); ``{node: (partition, partitions)}`` of those that
-    answered in time."""
-    messages = [Message(RecordDict({"config": ConfigRecord({"want": PARTITION_KEY})}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in nodes]
+    """Ask nodes which partition they hold (:func:`protocol.partition_request`);
+    ``{node: (partition, partitions)}`` of those that answered in time and in form."""
     found = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            log.warning("node %d did not say its partition: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        record = reply.content[CLIENT_RECORD]
-        found[reply.metadata.src_node_id] = (int(record[PARTITION_KEY]), int(record[NUM_PARTITIONS_KEY]))
+    for reply in grid.send_and_receive([P.partition_request(node) for node in nodes], timeout=timeout):
+        node = reply.metadata.src_node_id
+        try:
+            if reply.has_error():
+                raise P.ProtocolError(P.error_reason(reply.error.reason))
+            found[node] = P.read_partition_reply(reply.content)
+        except P.ProtocolError as err:
+            log.warning("node %d did not say its partition: %s", node, err)
     return found
-
-
-_EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Fault)): (.+)$", re.M)
-_WRAPPERS = ("ClientAppException", "RayTaskError")  # how Flower's simulation wraps a ClientApp's exception
-
-
-def error_reason(reason: str) -> str:
-    """The client's own exception from Flower's error reason (in simulation, a Ray traceback
-    around it, with process ids and paths that differ from run to run): ``Type: message``."""
-    for name, message in _EXCEPTION_LINE.findall(reason):
-        if name not in _WRAPPERS:
-            return f"{name}: {message.strip()}"
-    return " ".join(reason.split())[:300]
-
-
-def _weight_key(strategy: Strategy) -> str:
-    """The metric the strategy weights replies by (DP wrappers keep the wrapped one in ``strategy``)."""
-    return getattr(strategy, "strategy", strategy).weighted_by_key
 
 
 class OffsiteStrategy(Strategy):
     """Delegates sampling and aggregation to ``inner`` and adds what a trustworthy offsite
     federation needs around them:
 
-    * the emulator records go with every message to a node until the node has answered one
-      without error (a node that crashed or timed out may not have kept it; Flower drops the
-      state of a ClientApp that raised), and again after :meth:`resend_emulator`;
+    * the emulator exchange (:mod:`fed_crash.federation.protocol`): before a round's train
+      messages go out, every sampled node that has not acknowledged the current emulator is sent
+      it and must acknowledge its hash; a node that replies that it lacks the emulator (its cache
+      was cleared) is sent it again before its next round; :meth:`set_emulator` (FedBiOT's
+      re-alignment) makes every node receive the new one;
     * nodes are known by partition id (asked once per node, :meth:`connect`), and each round's
       sample is seeded by ``(seed, round)``, so runs with the same seed sample the same clients;
     * injected dropouts (``faults``): a sampled client that is offline is sent nothing;
-    * every reply is validated (:func:`strategies.validate.check_reply`) and only valid ones,
-      in partition order (float sums depend on order), reach ``inner``; error replies, missing
+    * every reply is validated (:func:`protocol.check_train_reply`) and only valid ones, in
+      partition order (float sums depend on order), reach ``inner``; error replies, missing
       replies (timeouts) and rejected ones are recorded with their reason in ``self.rounds``;
     * a round with fewer than ``min_replies`` valid updates keeps the previous adapters;
     * ``round_offset``: a resumed run starts Flower's loop (which counts from 1) for the
@@ -133,7 +98,6 @@ class OffsiteStrategy(Strategy):
     def __init__(
         self,
         inner: Strategy,
-        emulator: RecordDict,
         *,
         seed: int = 0,
         min_available_nodes: int = 1,
@@ -145,7 +109,6 @@ class OffsiteStrategy(Strategy):
         settle_s: float = 1.0,
     ) -> None:
         self.inner = inner
-        self.emulator = emulator
         self.seed = seed
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
@@ -154,18 +117,25 @@ class OffsiteStrategy(Strategy):
         self.faults = faults
         self.round_offset = round_offset
         self.settle_s = settle_s
-        self.weight_key = _weight_key(inner)
-        self.has_emulator: set[int] = set()  # nodes that answered a message that carried the current emulator
+        self.weight_key = getattr(inner, "strategy", inner).weighted_by_key  # a DP wrapper keeps the wrapped one in .strategy
+        self.emulator: P.EmulatorPayload | None = None
+        self.has_emulator: set[int] = set()  # nodes that acknowledged the current emulator
         self.rounds: dict[int, RoundTraffic] = {}
         self.partitions: dict[int, int] = {}  # node id -> partition id
         self.num_partitions = 0
-        self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every message sent
+        self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every train message sent
         self.sent_arrays = ArrayRecord()  # this round's adapters: replies are checked against them, low-rank ones expanded from them
 
-    def resend_emulator(self, emulator: RecordDict) -> None:
-        """A changed emulator (FedBiOT alignment): every node gets it with its next message."""
+    def set_emulator(self, emulator: P.EmulatorPayload) -> None:
+        """The emulator nodes train on; a new one (FedBiOT alignment) reaches every node before its next round."""
         self.emulator = emulator
         self.has_emulator.clear()
+
+    def state_dict(self) -> StrategyState:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        self.inner.load_state_dict(state)
 
     def connect(self, grid: Grid) -> dict[int, int]:
         """Wait until at least ``min_available_nodes`` are connected and their number has
@@ -186,11 +156,45 @@ class OffsiteStrategy(Strategy):
         """Ask nodes seen for the first time for their partition (in deployments nodes join late)."""
         new = [node for node in grid.get_node_ids() if node not in self.partitions]
         if new:
-            found = query_partitions(grid, new, max(self.round_timeout, QUERY_TIMEOUT_S))
+            timeout = max(self.round_timeout, QUERY_TIMEOUT_S)
+            found = query_partitions(grid, new, timeout)
             for node in set(new) - set(found):
-                log.warning("node %d did not say its partition within %.0fs: it is not sampled", node, max(self.round_timeout, QUERY_TIMEOUT_S))
+                log.warning("node %d did not say its partition within %.0fs: it is not sampled", node, timeout)
             self.partitions.update({node: pid for node, (pid, _) in found.items()})
             self.num_partitions = max([self.num_partitions, *(n for _, n in found.values())])
+
+    def _sample(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """The inner strategy's train messages, its sampler seeded for this round only."""
+        connected = set(grid.get_node_ids())
+        ordered = PartitionOrderedGrid(grid, sorted((n for n in self.partitions if n in connected), key=self.partitions.__getitem__))
+        state = random.getstate()  # leave the global stream as it was
+        random.seed(f"{self.seed}:{server_round}")
+        try:
+            return list(self.inner.configure_train(server_round, arrays, config, ordered))
+        finally:
+            random.setstate(state)
+
+    def _deliver_emulator(self, grid: Grid, nodes: list[int], traffic: RoundTraffic) -> set[int]:
+        """Send the emulator to ``nodes``; the ones that acknowledged it (the rest are recorded as failed)."""
+        if not nodes or self.emulator is None:  # no emulator set: tests of aggregation alone, nothing to deliver
+            return set(nodes)
+        start = time.perf_counter()
+        requests = {node: self.emulator.request(node) for node in nodes}
+        for node, request in requests.items():
+            traffic.emulator_down[self.partitions[node]] = record_bytes(request.content)
+        acked = set()
+        for reply in grid.send_and_receive(list(requests.values()), timeout=max(self.round_timeout, QUERY_TIMEOUT_S)):
+            node = reply.metadata.src_node_id
+            reason = P.error_reason(reply.error.reason) if reply.has_error() else P.check_emulator_ack(reply.content, self.emulator.weights_sha256)
+            if reason:
+                traffic.fail(self.partitions[node], node, "error", f"emulator not stored: {reason}")
+            else:
+                acked.add(node)
+        for node in set(nodes) - acked - {f["node"] for f in traffic.failures}:
+            traffic.fail(self.partitions[node], node, "timeout", f"no emulator acknowledgement within {max(self.round_timeout, QUERY_TIMEOUT_S):g}s")
+        self.has_emulator |= acked
+        traffic.emulator_seconds = time.perf_counter() - start
+        return acked
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -200,72 +204,71 @@ class OffsiteStrategy(Strategy):
             self._learn_partitions(grid)
         traffic = self.rounds.setdefault(server_round, RoundTraffic())
         self.sent_arrays = arrays
-        connected = set(grid.get_node_ids())
-        ordered = PartitionOrderedGrid(grid, sorted((n for n in self.partitions if n in connected), key=self.partitions.__getitem__))
-        state = random.getstate()  # seed Flower's sampler for this round only; leave the global stream as it was
-        random.seed(f"{self.seed}:{server_round}")
-        try:
-            messages = list(self.inner.configure_train(server_round, arrays, config, ordered))
-        finally:
-            random.setstate(state)
-        out, self.sent_to = [], {}
-        for message in messages:
+        config = ConfigRecord({**config, **P.train_config(self.emulator.weights_sha256 if self.emulator else "")})
+        ready = []
+        for message in self._sample(server_round, arrays, config, grid):
             node = message.metadata.dst_node_id
-            pid = self.partitions[node]
-            window = self.faults.offline(pid, server_round) if self.faults else None
+            window = self.faults.offline(self.partitions[node], server_round) if self.faults else None
             if window:
-                traffic.failures.append({"partition": pid, "node": node, "kind": "offline",
-                                         "reason": f"offline in rounds {window[0]}-{window[1]} (faults.dropout-rate): sent nothing"})
-                continue
-            content = RecordDict(dict(message.content.items()))
-            if node not in self.has_emulator:
-                extra = RecordDict(dict(self.emulator.items()))
-                traffic.emulator_down[pid] = record_bytes(extra)
-                for key, record in self.emulator.items():
-                    content[key] = record
-            traffic.down[pid] = record_bytes(content)
-            self.sent_to[node] = pid
-            out.append(Message(content=content, dst_node_id=node, message_type=message.metadata.message_type, group_id=message.metadata.group_id))
+                traffic.fail(self.partitions[node], node, "offline", f"offline in rounds {window[0]}-{window[1]} (faults.dropout-rate): sent nothing")
+            else:
+                ready.append(message)
+        acked = self._deliver_emulator(grid, [m.metadata.dst_node_id for m in ready if m.metadata.dst_node_id not in self.has_emulator], traffic)
+        self.sent_to = {}
+        out = []
+        for message in ready:
+            node = message.metadata.dst_node_id
+            if node in self.has_emulator or node in acked:
+                traffic.down[self.partitions[node]] = record_bytes(message.content)
+                self.sent_to[node] = self.partitions[node]
+                out.append(message)
         return out
 
     def _check(self, reply: Message) -> tuple[str | None, float | None]:
         """Expand a low-rank reply to dense adapters, then validate it."""
         content = reply.content
-        if isinstance(content.get(ARRAYS_KEY), ArrayRecord) and is_low_rank(content[ARRAYS_KEY]):
+        if isinstance(content.get(P.ARRAYS), ArrayRecord) and P.is_low_rank(content[P.ARRAYS]):
             try:
-                content[ARRAYS_KEY] = expand_low_rank(self.sent_arrays, content[ARRAYS_KEY])
+                content[P.ARRAYS] = expand_low_rank(self.sent_arrays, content[P.ARRAYS])
             except AdapterError as err:
                 return str(err), None
-        return check_reply(content, self.sent_arrays, weight_key=self.weight_key, max_update_norm=self.max_update_norm)
+        return P.check_train_reply(content, self.sent_arrays, weight_key=self.weight_key, max_update_norm=self.max_update_norm)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        start = time.perf_counter()
-        server_round += self.round_offset
-        traffic = self.rounds.setdefault(server_round, RoundTraffic())
+    def _sort_replies(self, server_round: int, replies: Iterable[Message], traffic: RoundTraffic) -> list[tuple[int, Message]]:
+        """The valid replies in partition order; every other outcome recorded in ``traffic``."""
         valid, answered = [], set()
         for reply in replies:
             node = reply.metadata.src_node_id
             pid = self.sent_to.get(node, self.partitions.get(node, -1))
             answered.add(node)
-            if reply.has_error():  # a node that failed may have lost what it was sent: it gets the emulator again
-                traffic.failures.append({"partition": pid, "node": node, "kind": "error", "reason": error_reason(reply.error.reason)})
+            if reply.has_error():
+                traffic.fail(pid, node, "error", P.error_reason(reply.error.reason))
                 continue
-            self.has_emulator.add(node)
             traffic.up[pid] = record_bytes(reply.content)
+            if P.lacks_emulator(reply.content):
+                self.has_emulator.discard(node)
+                traffic.fail(pid, node, "no-emulator", "the node lacks the emulator (its cache was cleared?): it is sent again before its next round")
+                continue
             reason, norm = self._check(reply)
             if reason:
-                traffic.failures.append({"partition": pid, "node": node, "kind": "rejected", "reason": reason})
+                traffic.fail(pid, node, "rejected", reason)
                 continue
-            traffic.clients.append({"partition": pid, "node": node, **dict(reply.content["metrics"]), "received-norm": norm})
+            traffic.clients.append({**dict(reply.content[P.METRICS]), "partition": pid, "node": node, "received-norm": norm})
             valid.append((pid, reply))
         for node, pid in self.sent_to.items():
             if node not in answered:
-                traffic.failures.append({"partition": pid, "node": node, "kind": "timeout", "reason": f"no reply within round-timeout {self.round_timeout:g}s"})
+                traffic.fail(pid, node, "timeout", f"no reply within round-timeout {self.round_timeout:g}s")
         traffic.clients.sort(key=lambda c: c["partition"])
         traffic.failures.sort(key=lambda f: f["partition"])
         for failure in traffic.failures:
             log.warning("round %d: client %d %s: %s", server_round, failure["partition"], failure["kind"], failure["reason"].strip())
-        valid.sort(key=lambda item: item[0])
+        return sorted(valid, key=lambda item: item[0])
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        start = time.perf_counter()
+        server_round += self.round_offset
+        traffic = self.rounds.setdefault(server_round, RoundTraffic())
+        valid = self._sort_replies(server_round, replies, traffic)
         arrays, aggregated = None, None
         if len(valid) < self.min_replies:
             traffic.note = f"{len(valid)} valid update(s), fewer than min-replies {self.min_replies}: the previous adapters are kept"
@@ -273,6 +276,7 @@ class OffsiteStrategy(Strategy):
             arrays, aggregated = self.inner.aggregate_train(server_round, [reply for _, reply in valid])
             if arrays is None:
                 traffic.note = "the strategy released no aggregate: the previous adapters are kept"
+            traffic.privacy = {k: v for k, v in (aggregated or {}).items() if k in P.PRIVACY_METRICS}
         if traffic.note:
             log.warning("round %d: %s", server_round, traffic.note)
         sent_dtypes = {key: array.dtype for key, array in self.sent_arrays.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -104,25 +104,50 @@ class LocalGrid:
     """Flower's Grid in one process, for tests of the server's own logic (Flower's transport is
     not what they test; the end-to-end tests run real ``flwr run``s): the connected nodes, with
     ids 1..n or as given (Flower draws them at random), each answering with the app's real
-    handlers (``client_query``, ``client_train``) and its own Context, partition i for the i-th
-    node; an exception in a handler becomes an error reply, as in Flower."""
+    ClientApp (its handlers and mods) and its own Context, partition i for the i-th node. An
+    exception in a handler becomes an error reply whose reason is built as Flower's Ray
+    simulation builds it (:func:`simulated_error_reason`)."""
 
     def __init__(self, nodes: int, *, ids: list[int] | None = None, run_config: dict | None = None) -> None:
         self.nodes = list(ids or range(1, nodes + 1))
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i, "num-partitions": len(self.nodes)},
                                        state=RecordDict(), run_config=dict(run_config or {})) for i, node in enumerate(self.nodes)}
+        self.sent: list[Message] = []  # every message, in order
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        from fed_crash.federation.server import client_query, client_train
+        from alpaca.client_app import app
 
-        handlers = {MessageType.QUERY: client_query, MessageType.TRAIN: client_train}
         replies = []
         for message in messages:
+            self.sent.append(message)
             try:
-                replies.append(handlers[message.metadata.message_type](message, self.contexts[message.metadata.dst_node_id]))
+                replies.append(app(message, self.contexts[message.metadata.dst_node_id]))
             except Exception as err:  # noqa: BLE001 - what Flower does with a ClientApp's exception
-                replies.append(Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=message))
+                replies.append(Message(Error(code=2, reason=simulated_error_reason(err)), reply_to=message))
         return replies
+
+
+def simulated_error_reason(err: Exception) -> str:
+    """The reason of the error reply Flower's Ray simulation sends for a ClientApp's exception,
+    built with Flower's and Ray's own classes: the actor re-raises it as ``ClientAppException``
+    (flwr/simulation/ray_transport/ray_actor.py), Ray wraps that in ``RayTaskError`` with the
+    traceback, and the backend writes ``str(type(ex)) + ":<'" + str(ex) + "'>"``
+    (flwr/server/superlink/fleet/vce/vce_api.py)."""
+    import os
+    import traceback
+
+    from flwr.clientapp.client_app import ClientAppException
+    from ray.exceptions import RayTaskError
+
+    try:
+        try:
+            raise err
+        except Exception as ex:  # noqa: BLE001
+            raise ClientAppException(str(ex)) from ex
+    except ClientAppException as wrapped:
+        ray_error = RayTaskError("ClientAppActor.run", traceback.format_exc(), wrapped, proctitle="ray::ClientAppActor.run",
+                                 pid=os.getpid(), ip="127.0.0.1").as_instanceof_cause()
+    return str(type(ray_error)) + ":<'" + str(ray_error) + "'>"

@@ -5,7 +5,8 @@ import torch
 
 from fed_crash.config import DataConfig
 from fed_crash.core.data import pad_id, tokenize
-from fed_crash.core.emulator import adapter_state, make_spec
+from fed_crash.core.emulator import adapter_state
+from fed_crash.selection import make_spec
 from fed_crash.evaluation.report import generate, interpolate_adapters, markdown_table, rouge_l
 from fed_crash.core.train import evaluate
 from tests.conftest import ROWS, tiny_llama

@@ -49,7 +49,7 @@ def test_grid_cells_are_the_product_of_the_axes_with_variants_over_the_base(tmp_
 
 
 @pytest.mark.parametrize("change, message", [
-    (('strategy = ["fedavg", "fedadam"]', 'strategy = ["fedavg", "fedsgd"]'), "cell 'fedsgd_iid': run config: unknown strategy 'fedsgd'"),
+    (('strategy = ["fedavg", "fedadam"]', 'strategy = ["fedavg", "fedsgd"]'), "cell 'fedsgd_iid': run config: 'strategy' must be one of .*got 'fedsgd'"),
     (("partitioner = \"iid\"", "partitoner = \"iid\""), "cell 'fedavg_iid': run config: unknown key 'partitoner'; did you mean 'partitioner'"),
     (("num-supernodes = 3", "supernodes = 3"), r"\[experiment\]: unknown key 'supernodes'"),
     (("[base]", "[base]\nrun-name = 'x'"), "are set by the runner"),

@@ -84,7 +84,7 @@ def test_labels_and_server_slices():
     assert set(derived_labels(rows(40), "length")) == {"q1", "q2", "q3", "q4"}
     parts = server_and_client_rows(rows(50), FederationConfig(eval_examples=10), parse_run_config({}).data, calib=5)
     assert [len(parts[k]) for k in ("eval", "calibration", "clients")] == [10, 5, 35]
-    from fed_crash.federation.server import calibration_slice
+    from fed_crash.federation.partition import calibration_slice
 
     assert calibration_slice(parse_run_config({"emulator.method": "crash", "emulator.calib-samples": 7})) == 7
     assert calibration_slice(parse_run_config({"emulator.method": "crash", "calib-data": "public.json"})) == 0
@@ -108,12 +108,12 @@ def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_p
 
 
 def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):
-    from fed_crash.federation.server import _data_source
+    from fed_crash.federation.partition import data_source
 
     monkeypatch.setenv("FED_CRASH_ROOT", str(tmp_path))
-    assert _data_source(parse_run_config({"data": ""})) == "tatsu-lab/alpaca"  # no path: the hub
-    assert _data_source(parse_run_config({"data": "someone/dataset"})) == "someone/dataset"
-    assert _data_source(parse_run_config({"data": "rows.jsonl"})) == str(tmp_path / "rows.jsonl")  # relative: to the root
+    assert data_source(parse_run_config({"data": ""})) == "tatsu-lab/alpaca"  # no path: the hub
+    assert data_source(parse_run_config({"data": "someone/dataset"})) == "someone/dataset"
+    assert data_source(parse_run_config({"data": "rows.jsonl"})) == str(tmp_path / "rows.jsonl")  # relative: to the root
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fed_crash.core.data import DataError
-from fed_crash.core.emulator import build_emulator, make_spec
+from fed_crash.core.emulator import build_emulator
+from fed_crash.selection import make_spec
 from fed_crash.evaluation.mc import HUB_TASKS, Fields, encode_pair, load_task, map_row, score_mc, supports_prefix_cache
 
 ROWS = [

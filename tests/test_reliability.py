@@ -25,10 +25,12 @@ from fed_crash.config import ConfigError, FaultConfig, FederationConfig
 from fed_crash.core.data import DataError
 from fed_crash.core.emulator import EmulatorSpec, SpecError, adapter_state
 from fed_crash.federation.faults import KINDS, FaultPlan, corrupt_update, find_seed
-from fed_crash.federation.server import EMULATOR_FILES_KEY, EMULATOR_WEIGHTS_KEY, client_train, reproducible, serve
+from alpaca.server_app import main as serve
+from fed_crash.federation import protocol as P
+from fed_crash.federation.server import reproducible
 from fed_crash.tools.launch import check_run_config, flwr_run, free_port
 from fed_crash.core.models import ModelError
-from strategies import ClientClippingDP, OffsiteStrategy, make_strategy
+from strategies import ClientClippingDP, OffsiteStrategy, StrategyState, make_strategy
 from tests.conftest import ROWS, LocalGrid, tiny_llama, write_run_files
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -60,7 +62,8 @@ def local_config(files: Path, results: Path, **overrides) -> dict:
 def serve_local(config: dict, nodes: int = 2, ids: list[int] | None = None) -> Path:
     """The real server and clients in this process (see module docstring)."""
     grid = LocalGrid(nodes, ids=ids, run_config=config)
-    return serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    return Path(config["results-dir"]) / config["run-name"]
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +115,7 @@ def test_every_bad_update_is_rejected_by_name_and_the_round_aggregates_the_rest(
     torch.manual_seed(0)
     start = {k: v.clone() for k, v in adapter_state(tiny_llama(), EmulatorSpec(8, 2, 2, kept=(3, 5))).items()}
     honest = [{k: v + 0.01 * torch.randn_like(v) for k, v in start.items()} for _ in range(2)]
-    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), RecordDict(), max_update_norm=5.0, settle_s=0)
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), max_update_norm=5.0, settle_s=0)
     grid = LocalGrid(len(BAD_UPDATES) + 4)  # 2 honest, the bad ones, one that raises, one that never answers
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)}
     partition = {node: pid for node, pid in strategy.partitions.items()}
@@ -139,7 +142,7 @@ def test_every_bad_update_is_rejected_by_name_and_the_round_aggregates_the_rest(
 
 
 def test_too_few_valid_updates_keep_the_previous_adapters():
-    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), RecordDict(), min_replies=2, settle_s=0)
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), min_replies=2, settle_s=0)
     grid = LocalGrid(2)
     sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), grid))
     good = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}), "metrics": MetricRecord({"num-examples": 1})}), reply_to=sent[0])
@@ -159,7 +162,7 @@ def test_one_client_sending_scaled_garbage_moves_fedavg_far_and_the_robust_strat
     step = float(torch.linalg.norm(honest_mean))
     shift = {}
     for name, extra in (("fedavg", {}), ("fedmedian", {}), ("fedtrimmedavg", {"trimmed_beta": 0.2}), ("krum", {"krum_malicious": 1})):
-        strategy = OffsiteStrategy(make_strategy(FederationConfig(strategy=name, min_train_nodes=1, min_available_nodes=1, **extra)), RecordDict(), settle_s=0)
+        strategy = OffsiteStrategy(make_strategy(FederationConfig(strategy=name, min_train_nodes=1, min_available_nodes=1, **extra)), settle_s=0)
         grid = LocalGrid(5)
         sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)}
         replies = [Message(RecordDict({"arrays": ArrayRecord(u), "metrics": MetricRecord({"num-examples": 10})}), reply_to=sent[node])
@@ -212,7 +215,8 @@ def test_checkpoint_rng_and_privacy_accounting_survive_a_resume():
                                                              "metrics": MetricRecord({"unit-weight": 1})}), reply_to=m) for m in sent])
     again = make_strategy(FederationConfig(strategy="fedavg", fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, dp_clipping_norm=1.0))
     assert isinstance(again, ClientClippingDP)
-    again.restore(json.loads(json.dumps(dp.releases)))
+    state = dp.state_dict()
+    again.load_state_dict(StrategyState(state.tensors, json.loads(json.dumps(state.meta))))  # the meta travels as JSON
     assert again.spent[2].epsilon == pytest.approx(dp.spent[2].epsilon) and again.spent[2].num_releases == 2
 
 
@@ -346,13 +350,11 @@ def test_a_tampered_emulator_is_refused_on_arrival_and_nothing_is_stored(tmp_pat
     weights = load_file(folder / "emulator.safetensors")
     weights["model.layers.3.mlp.up_proj.weight"] = weights["model.layers.3.mlp.up_proj.weight"] + 1e-3
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".safetensors"}
-    content = RecordDict({EMULATOR_WEIGHTS_KEY: ArrayRecord(weights), EMULATOR_FILES_KEY: ConfigRecord(files),
-                          "arrays": ArrayRecord(adapter_state(model, spec)), "config": ConfigRecord({"server-round": 1})})
-    server = LocalGrid(1)
-    message = Message(content, dst_node_id=1, message_type="train")
-    context = server.contexts[1]
-    with pytest.raises(ArtifactError, match="does not match its manifest's weights_sha256 .*nothing was stored"):
-        client_train(message, context)
+    payload = P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), json.loads(files["emulator.json"])["weights_sha256"])
+    grid = LocalGrid(1)
+    [reply] = grid.send_and_receive([payload.request(1)])
+    assert reply.has_error() and re.search("ProtocolError: the emulator received does not match its manifest's weights_sha256 .*nothing was stored",
+                                           P.error_reason(reply.error.reason))
     assert not (tmp_path / "nodes").exists()
 
 

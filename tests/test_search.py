@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fed_crash.core.data import batches, pad_id, tokenize
-from fed_crash.core.emulator import build_emulator, make_spec
+from fed_crash.core.emulator import build_emulator
+from fed_crash.selection import make_spec
 from fed_crash.selection.search import Probe, layer_sequence, search_kept
 from tests.conftest import ROWS, tiny_llama
 

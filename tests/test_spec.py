@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fed_crash.core.emulator import (EmulatorSpec, SpecError, adapter_state, assemble, build_emulator, cluster_adjacent, emulator_state, make_spec,
-                                uniform_indices)
+from fed_crash.core.emulator import EmulatorSpec, SpecError, adapter_state, assemble, build_emulator, emulator_state
+from fed_crash.selection import cluster_adjacent, make_spec, uniform_indices
 from fed_crash.core.models import get_layers, layer_path
 
 

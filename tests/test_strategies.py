@@ -11,9 +11,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fed_crash.config import ConfigError, FederationConfig, parse_run_config
-from fed_crash.federation.server import clip_update
+from fed_crash.federation.client import dp_clipping_mod
+from fed_crash.federation import protocol as P
 from fed_crash.core.train import proximal_term
-from strategies import STRATEGIES, ClientClippingDP, OffsiteStrategy, make_strategy, server_state
+from fed_crash.config import STRATEGY_NAMES
+from strategies import STRATEGIES, ClientClippingDP, OffsiteStrategy, make_strategy
 from tests.conftest import LocalGrid
 
 
@@ -67,7 +69,7 @@ def test_fedadam_step_through_the_offsite_wrapper_and_its_state():
     """Two rounds of FedAdam on the mean delta, with the wrapper in front (it must leave the
     strategy's round-start arrays right) and the float32 of the adapters kept."""
     cfg = fed(strategy="fedadam", fedopt_eta=0.01, fedopt_beta1=0.9, fedopt_beta2=0.99, fedopt_tau=1e-6)
-    strategy = OffsiteStrategy(make_strategy(cfg), RecordDict(), min_available_nodes=1, settle_s=0.0)
+    strategy = OffsiteStrategy(make_strategy(cfg), min_available_nodes=1, settle_s=0.0)
     grid = LocalGrid(2)
     x = np.array([1.0, -1.0, 0.5])
     m, v = np.zeros(3), np.zeros(3)
@@ -84,7 +86,7 @@ def test_fedadam_step_through_the_offsite_wrapper_and_its_state():
         assert arrays["w"].dtype == "float32"
         np.testing.assert_allclose(weights(arrays), x, rtol=1e-5, atol=1e-6)
         x = weights(arrays).astype(np.float64)
-    state = server_state(strategy)
+    state = strategy.state_dict().tensors
     assert set(state) == {"m_t/w", "v_t/w"}
     np.testing.assert_allclose(state["m_t/w"], m, rtol=1e-5)
     np.testing.assert_allclose(state["v_t/w"], v, rtol=1e-5)
@@ -100,17 +102,20 @@ def test_fedavgm_momentum_and_its_state():
     x2, _ = strategy.aggregate_train(2, [reply(1, [0.0, 1.0], 1)])
     momentum = 0.5 * (x0 - [0.0, 2.0]) + (weights(x1) - [0.0, 1.0])
     np.testing.assert_allclose(weights(x2), weights(x1) - momentum)
-    np.testing.assert_allclose(server_state(strategy)["momentum/w"], momentum)
+    state = strategy.state_dict()
+    np.testing.assert_allclose(state.tensors["momentum/w"], momentum)
+    assert state.meta == {"momentum_keys": ["w"]}
+    fresh = make_strategy(fed(strategy="fedavgm", server_lr=1.0, server_momentum=0.5))  # a resumed run's strategy
+    fresh.load_state_dict(state)
+    np.testing.assert_allclose(fresh.momentum_vector[0], momentum)
 
 
 def test_fedprox_sends_mu_and_the_term_adds_mu_times_the_drift_to_the_gradient():
     messages = make_strategy(fed(strategy="fedprox", proximal_mu=0.3)).configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), LocalGrid(1))
     assert messages[0].content["config"]["proximal-mu"] == pytest.approx(0.3)
 
-    mu = 0.3
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    term = proximal_term([w], mu / 2)  # anchored at the round start
-    start = w.detach().clone()
+    term = proximal_term([w], 0.3 / 2)  # anchored at the round start
     with torch.no_grad():
         w.add_(torch.tensor([0.4, 0.1, -0.2]))  # local training moved the weights
     base = lambda: (w**3).sum()  # noqa: E731 - any loss
@@ -118,26 +123,33 @@ def test_fedprox_sends_mu_and_the_term_adds_mu_times_the_drift_to_the_gradient()
     plain = w.grad.clone()
     w.grad = None
     (base() + term()).backward()
-    torch.testing.assert_close(w.grad - plain, mu * (w.detach() - start))
-    assert float(term().detach()) == pytest.approx(mu / 2 * float(((w.detach() - start) ** 2).sum()))
+    # by hand: mu * drift = 0.3 * [0.4, 0.1, -0.2]; the term is 0.15 * (0.16 + 0.01 + 0.04)
+    torch.testing.assert_close(w.grad - plain, torch.tensor([0.12, 0.03, -0.06]))
+    assert float(term().detach()) == pytest.approx(0.0315)
 
 
-def test_client_clipping_bounds_the_update_norm():
-    torch.manual_seed(0)
-    start = {"a": torch.randn(4, 3), "b": torch.randn(5)}
-    big = {k: v + 2 * torch.randn_like(v) for k, v in start.items()}
-    norm = math.sqrt(sum(float(((big[k] - start[k]) ** 2).sum()) for k in start))
-    clipped, reported = clip_update(big, start, clipping_norm=0.5)
-    assert reported == pytest.approx(norm, rel=1e-5) and norm > 0.5
-    update = {k: clipped[k] - start[k] for k in start}
-    assert math.sqrt(sum(float((u**2).sum()) for u in update.values())) == pytest.approx(0.5, rel=1e-5)
-    for k in start:  # same direction, scaled by clip / norm
-        torch.testing.assert_close(update[k], (big[k] - start[k]) * (0.5 / norm), rtol=1e-5, atol=1e-6)
-        assert clipped[k].dtype == big[k].dtype
-    small = {k: v + 1e-3 for k, v in start.items()}
-    unchanged, _ = clip_update(small, start, clipping_norm=0.5)
-    for k in start:
-        torch.testing.assert_close(unchanged[k], small[k])
+def _clip_through_the_mod(start: dict, trained: dict, clipping_norm: float | None) -> dict:
+    """A train message through the app's DP mod (Flower's fixedclipping_mod when the config asks
+    for clipping), the handler replying with ``trained``; the adapters that leave the node."""
+    config = {P.SERVER_ROUND: 1, P.WEIGHTS_SHA256: "0" * 64, **({P.CLIPPING_NORM: clipping_norm} if clipping_norm is not None else {})}
+    message = Message(RecordDict({P.ARRAYS: ArrayRecord(start), P.CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=P.TRAIN)
+    out = dp_clipping_mod(message, None, lambda msg, ctx: P.train_reply(msg, trained, {P.NUM_EXAMPLES: 1}))
+    assert not out.has_error(), out.error
+    return out.content[P.ARRAYS].to_torch_state_dict()
+
+
+def test_client_clipping_is_flowers_mod_and_bounds_the_update_norm():
+    start = {"a": torch.zeros(2), "b": torch.zeros(1)}
+    # by hand: the update [3, 4 | 0] has norm 5; clipped to 0.5 it is scaled by 0.1
+    clipped = _clip_through_the_mod(start, {"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1)}, 0.5)
+    torch.testing.assert_close(clipped["a"], torch.tensor([0.3, 0.4]))
+    torch.testing.assert_close(clipped["b"], torch.zeros(1))
+    exact = _clip_through_the_mod(start, {"a": torch.tensor([0.3, 0.4]), "b": torch.zeros(1)}, 0.5)  # norm exactly the clip
+    torch.testing.assert_close(exact["a"], torch.tensor([0.3, 0.4]))
+    small = _clip_through_the_mod(start, {"a": torch.tensor([0.03, 0.04]), "b": torch.tensor([0.1])}, 0.5)  # below: unchanged
+    torch.testing.assert_close(small["a"], torch.tensor([0.03, 0.04]))
+    unclipped = _clip_through_the_mod(start, {"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1)}, None)  # no DP: untouched
+    torch.testing.assert_close(unclipped["a"], torch.tensor([3.0, 4.0]))
 
 
 def test_dp_wrapper_sends_the_norm_averages_unweighted_adds_noise_and_accounts():
@@ -168,17 +180,17 @@ def test_dp_wrapper_sends_the_norm_averages_unweighted_adds_noise_and_accounts()
 
 
 def test_bad_strategy_configs_fail_with_one_clear_line():
-    with pytest.raises(ConfigError, match="unknown strategy 'fedsgd'; available: .*'fedavg'"):
-        make_strategy(fed(strategy="fedsgd"))
+    with pytest.raises(ConfigError, match="'strategy' must be one of .*'fedavg'.*, got 'fedsgd'"):
+        parse_run_config({"strategy": "fedsgd"})
     with pytest.raises(ConfigError, match="needs an unweighted mean: strategy fedavg or fedprox, got 'fedmedian'"):
-        make_strategy(fed(strategy="fedmedian", dp_clipping_norm=1.0))
+        parse_run_config({"strategy": "fedmedian", "dp-clipping-norm": 1.0})
     with pytest.raises(ConfigError, match="dp-noise-multiplier > 0"):
-        make_strategy(fed(strategy="fedavg", dp_clipping_norm=1.0, dp_noise_multiplier=0.0))
+        parse_run_config({"dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.0})
     with pytest.raises(ConfigError, match="trimmed-beta"):
-        make_strategy(fed(strategy="fedtrimmedavg", trimmed_beta=0.5))
+        parse_run_config({"strategy": "fedtrimmedavg", "trimmed-beta": 0.5})
     with pytest.raises(ConfigError, match="need full adapter training"):
         parse_run_config({"strategy": "fedprox", "train.lora-rank": 4})
-    assert sorted(STRATEGIES) == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg", "fedyogi", "krum"]
+    assert sorted(STRATEGIES) == sorted(STRATEGY_NAMES) == ["fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg", "fedyogi", "krum"]
 
 
 # --------------------------------------------------------------------------- FedBiOT alignment

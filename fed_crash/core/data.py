@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
+from fed_crash.config import DEFAULT_HUB_DATASET  # noqa: F401 - re-exported: the data layer's default
 from fed_crash.errors import FedCrashError
 from fed_crash.core.hub import datasets_hub_unreachable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HUB_DATASET = "tatsu-lab/alpaca"  # used when no local data path is given
 IGNORE = -100  # label value that the loss skips (prompt and padding tokens)
 
 ALPACA_PROMPT = (
@@ -46,7 +46,7 @@ def load_instructions(
     ``skip_malformed``, is skipped and counted in the log.
     """
     path = Path(source).expanduser()
-    if path.suffix in (".json", ".jsonl") or path.exists():
+    if is_local_file(path):
         raw = _read_local(path)
     else:
         raw = _read_hub(str(source), split)
@@ -66,20 +66,30 @@ def load_instructions(
     return rows
 
 
+def is_local_file(path: Path) -> bool:
+    """The one rule for data sources (instruction data, multiple-choice tasks): a path with a
+    ``.json``/``.jsonl`` suffix, or one that exists, is a local file; anything else is a hub name."""
+    return path.suffix in (".json", ".jsonl") or path.exists()
+
+
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """``(1-based line number, value)`` of every non-blank line; a bad line raises naming it."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
+    return rows
+
+
 def _read_local(path: Path) -> list:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {n + 1} is not valid JSON ({err.msg})") from None
-        return rows
+        return [row for _, row in read_jsonl(path)]
+    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -4,11 +4,9 @@ A model with L decoder layers is cut into bottom adapters ``[0, bottom)``, a mid
 ``[bottom, L - top)`` and top adapters ``[L - top, L)``. The adapters are trained by the data
 owners; the middle span is compressed into the frozen emulator by keeping k of its layers.
 
-* ``uniform`` (OFT, Xiao et al. 2023): keep layers ``round(i * (n - 1) / (k - 1))`` of the n
-  middle layers.
-* ``crash`` (CRaSh, Zhang et al. 2023): cluster adjacent middle layers by linear CKA, keep the
-  middle layer of each cluster, and (sharing) fill each removed position with the nearest kept
-  layer, as the same module, so the emulator keeps the model's depth at the size of k layers.
+Which k (:mod:`fed_crash.selection`: uniform, CRaSh, search) is not this module's concern;
+sharing fills each removed position with the nearest kept layer, as the same module, so the
+emulator keeps the model's depth at the size of k layers.
 
 :class:`EmulatorSpec` is the single description of all of this; :func:`assemble` turns a spec
 plus weights into a runnable causal LM, both on the server (from the full model) and on a
@@ -19,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -151,73 +149,6 @@ class EmulatorSpec:
             f"depth {len(self.layer_map())}, share={self.share}\n  [{cells}]\n"
             "  (A adapter, K kept, S shared kept layer, F frozen adapter copy)"
         )
-
-
-def resolve_keep(middle: int, keep: int | None = None, keep_ratio: float | None = None) -> int:
-    """Number of middle layers to keep, from a count or a ratio of the middle span.
-    The default (0.4) gives 10 of 26 for a 30-layer model with 2+2 adapters."""
-    if keep is not None and keep_ratio is not None:
-        raise SpecError("give keep or keep_ratio, not both")
-    if keep is None:
-        ratio = 0.4 if keep_ratio is None else keep_ratio
-        if not 0 < ratio <= 1:
-            raise SpecError(f"keep_ratio must be in (0, 1], got {ratio}")
-        keep = max(1, round(ratio * middle))
-    if not 1 <= keep <= middle:
-        raise SpecError(f"cannot keep {keep} layers: the middle span has {middle} layers")
-    return keep
-
-
-def uniform_indices(n: int, k: int) -> list[int]:
-    """OFT's uniform choice of k of n layers: ``round(i * (n - 1) / (k - 1))``, first and last kept."""
-    if k == 1:
-        return [n // 2]
-    stride = (n - 1) / (k - 1)
-    return [round(i * stride) for i in range(k)]
-
-
-def cluster_adjacent(similarity: torch.Tensor, layers: Sequence[int], k: int) -> list[list[int]]:
-    """CRaSh clustering: start with one cluster per layer and repeatedly merge the adjacent pair
-    whose boundary layers (last of the left, first of the right) are most similar, until k
-    clusters remain. Ties merge the lowest pair first."""
-    clusters = [[int(layer)] for layer in layers]
-    if not 1 <= k <= len(clusters):
-        raise SpecError(f"cannot form {k} clusters from {len(clusters)} layers")
-    while len(clusters) > k:
-        scores = [float(similarity[a[-1], b[0]]) for a, b in zip(clusters, clusters[1:])]
-        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        clusters[best : best + 2] = [clusters[best] + clusters[best + 1]]
-    return clusters
-
-
-def make_spec(
-    method: str,
-    num_layers: int,
-    *,
-    bottom: int = 2,
-    top: int = 2,
-    keep: int | None = None,
-    keep_ratio: float | None = None,
-    share: bool = True,
-    edge_fill: EdgeFill = "nearest",
-    similarity: torch.Tensor | None = None,
-) -> EmulatorSpec:
-    """Build a spec with ``uniform`` or ``crash`` (which needs the L x L ``similarity``)."""
-    probe = EmulatorSpec(num_layers, bottom, top, kept=(bottom,))  # validates the adapters
-    middle = list(probe.middle)
-    k = resolve_keep(len(middle), keep, keep_ratio)
-    if method == "uniform":
-        kept, clusters = [middle[i] for i in uniform_indices(len(middle), k)], []
-    elif method == "crash":
-        if similarity is None:
-            raise SpecError("method 'crash' needs a layer similarity (CKA) matrix")
-        if tuple(similarity.shape) != (num_layers, num_layers):
-            raise SpecError(f"similarity is {tuple(similarity.shape)}, expected ({num_layers}, {num_layers})")
-        clusters = cluster_adjacent(similarity, middle, k)
-        kept = [c[len(c) // 2] for c in clusters]
-    else:
-        raise SpecError(f"unknown emulator method {method!r}; expected 'uniform' or 'crash' ('search' is planned by fed_crash.selection.plan.plan_emulator)")
-    return EmulatorSpec(num_layers, bottom, top, tuple(kept), share, edge_fill, method, tuple(map(tuple, clusters)))
 
 
 def _split_key(key: str, prefix: str) -> tuple[int, str] | None:

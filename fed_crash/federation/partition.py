@@ -16,13 +16,37 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
-from fed_crash.config import DataConfig, FederationConfig
-from fed_crash.core.data import DataError, split_rows
+from fed_crash.config import DataConfig, FederationConfig, RunConfig, resolve_path
+from fed_crash.core.data import DEFAULT_HUB_DATASET, DataError, is_local_file, split_rows
+from fed_crash.selection import needs_calibration
 
 if TYPE_CHECKING:  # flwr-datasets imports the datasets library: only where partitioning runs
     from flwr_datasets.partitioner import Partitioner
 
 TOP_WORDS = 16
+
+
+def data_source(cfg: RunConfig, name: str | None = None) -> str:
+    """A run config's data (``data``, or ``name`` such as ``calib-data``): a local path resolved
+    to absolute; a name that is not a local path stays a hub name; none means Alpaca from the
+    hub (for users with a network)."""
+    name = cfg.data.data if name is None else name
+    if not name:
+        return DEFAULT_HUB_DATASET
+    local = resolve_path(name)
+    return str(local) if is_local_file(local) else name
+
+
+def public_rows_needed(cfg: RunConfig) -> bool:
+    """Whether the server needs public rows: CRaSh's or search's calibration, FedBiOT's alignment."""
+    return needs_calibration(cfg.emulator.method) or cfg.fed.fedbiot_align_steps > 0
+
+
+def calibration_slice(cfg: RunConfig) -> int:
+    """Rows of the instruction data the server keeps as public rows (CRaSh calibration, FedBiOT
+    alignment): none when neither needs them or when ``calib-data`` names a separate public
+    dataset. Server and clients both call this, so they carve the same client pool."""
+    return cfg.emulator.calib_samples if public_rows_needed(cfg) and not cfg.fed.calib_data else 0
 
 
 def server_and_client_rows(rows: Sequence[dict[str, str]], fed: FederationConfig, data: DataConfig, calib: int) -> dict[str, list]:
@@ -52,7 +76,7 @@ def make_partitioner(pool: Sequence[dict[str, str]], fed: FederationConfig, num_
     """The ``flwr-datasets`` partitioner of the client pool into ``num_partitions`` shards.
     Building it (an Arrow table of the whole pool, derived labels) costs far more than reading
     one shard from it, so a worker that serves many nodes builds it once (see
-    :func:`fed_crash.federation.server.client_train`)."""
+    :func:`fed_crash.federation.client.train`)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 

@@ -1,9 +1,6 @@
-"""The model owner's and data owner's steps, end to end: plan an emulator from calibration data,
-and run local offsite-tuning with the four-model report.
-
-These are what the CLI and the Flower server call; they hold no logic of their own beyond
-wiring the library's pieces together in the order offsite-tuning needs.
-"""
+"""Planning an emulator on a model: the CKA matrix (cached between runs), the search probe,
+and :func:`plan_emulator`, which runs the registered method (:mod:`fed_crash.selection`) with
+them. The CLI, the Flower server and the comparison call it."""
 
 from __future__ import annotations
 
@@ -19,14 +16,13 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from fed_crash.core.artifacts import save_adapters, save_emulator
-from fed_crash.selection.cka import cka_matrix, layer_features
-from fed_crash.config import DataConfig, EmulatorConfig, TrainConfig, TuneSizes, to_dict
+from fed_crash.config import DataConfig, EmulatorConfig
 from fed_crash.core.data import Tokenized, batches, load_instructions, pad_id, split_rows, tokenize
-from fed_crash.core.emulator import EmulatorSpec, build_emulator, make_spec, plug_in
-from fed_crash.core.models import get_layers, load_model, state_hash
-from fed_crash.selection.search import Probe, search_kept
-from fed_crash.core.train import evaluate, train_adapters
+from fed_crash.core.emulator import EmulatorSpec
+from fed_crash.core.models import get_layers, state_hash
+from fed_crash.selection import Selection, method
+from fed_crash.selection.cka import cka_matrix, layer_features
+from fed_crash.selection.search import Probe
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +65,6 @@ def _similarity_key(model, examples: Sequence[Tokenized], emu: EmulatorConfig) -
     return digest.hexdigest()[:32]
 
 
-def needs_calibration(emu: EmulatorConfig) -> bool:
-    """CRaSh (CKA) and search (divergence, starting from CRaSh) run the model on calibration rows."""
-    return emu.method in ("crash", "search")
-
-
 def calibration_rows(source: str, data: DataConfig, n: int) -> list[dict[str, str]]:
     """A seeded sample of ``n`` rows of ``source`` for CRaSh's CKA calibration."""
     rows = load_instructions(source, skip_malformed=data.skip_malformed)
@@ -93,92 +84,30 @@ def plan_emulator(
     model, tokenizer, calibration: Sequence[dict[str, str]], data: DataConfig, emu: EmulatorConfig, *, progress: bool = True,
     similarity: torch.Tensor | None = None, probe: Probe | None = None, cache: Path | None = None,
 ) -> tuple[EmulatorSpec, torch.Tensor | None]:
-    """The emulator spec for ``model``. CRaSh clusters the layers by CKA on ``calibration``;
-    search starts from the uniform and CRaSh sets and lowers the divergence from the full model
-    on the first ``search_samples`` calibration rows (:mod:`fed_crash.selection.search`). A caller that
-    plans several emulators on the same rows passes the ``similarity`` and ``probe`` it has;
-    ``cache`` keeps the CKA matrix between runs (:func:`layer_similarity`)."""
-    selection: dict = {}
-    if needs_calibration(emu):
-        if not calibration:
-            raise ValueError(f"method {emu.method!r} needs calibration samples (calib_samples > 0)")
-        if similarity is None:
-            similarity = layer_similarity(model, tokenizer, calibration, data, emu, progress=progress, cache=cache)
-        selection = {"calibration_samples": len(calibration), "pooling": emu.pooling, "skip_first": emu.skip_first, "outlier_norm": emu.outlier_norm}
-
-    def spec_of(method: str) -> EmulatorSpec:
-        return make_spec(
-            method,
-            len(get_layers(model)),
-            bottom=emu.bottom,
-            top=emu.top,
-            keep=emu.keep or None,
-            keep_ratio=None if emu.keep else emu.keep_ratio,
-            share=emu.share,
-            edge_fill=emu.edge_fill,  # type: ignore[arg-type]
-            similarity=similarity,
-        )
-
-    if emu.method != "search":
-        return replace(spec_of(emu.method), selection=selection), similarity
-    start = time.perf_counter()
-    probe = probe or search_probe(model, tokenizer, calibration, data, emu)
-    before = probe.evaluations
-    spec, steps = search_kept(probe, [spec_of("uniform"), spec_of("crash")], max_evaluations=emu.search_evaluations)
-    selection.update(divergence=probe.divergence, search_samples=sum(len(b["input_ids"]) for b in probe.batches),
-                     evaluations=probe.evaluations - before, search_seconds=round(time.perf_counter() - start, 1), steps=steps)
-    log.info("search: kept %s after %d evaluations, %s %.4f -> %.4f", list(spec.kept), probe.evaluations - before, probe.divergence,
-             steps[0]["divergence"], steps[-1]["divergence"])
-    return replace(spec, selection=selection), similarity
-
-
-def tune(
-    model_source: str,
-    data: DataConfig,
-    emu: EmulatorConfig,
-    train: TrainConfig,
-    sizes: TuneSizes,
-    out_dir: str | Path,
-    *,
-    cache_dir: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Local offsite-tuning: build the emulator, train its adapters, plug them in, and report
-    held-out loss and perplexity of full zero-shot, emulator zero-shot, emulator fine-tuned and
-    plug-in. Writes the emulator folder, tuned adapters and ``report.json`` to ``out_dir``."""
-    out = Path(out_dir)
-    start = time.perf_counter()
-    loaded = load_model(model_source, cache_dir=cache_dir, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
-    calib_n = emu.calib_samples if needs_calibration(emu) else 0
-    parts = split_rows(rows, {"eval": sizes.eval_examples, "calibration": calib_n, "train": sizes.train_examples}, seed=data.seed)
-    spec, similarity = plan_emulator(model, tokenizer, parts["calibration"], data, emu, progress=progress)
-    log.info("%s", spec.describe())
-    save_emulator(out / "emulator", model, tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
-    emulator = build_emulator(model, spec)
-
-    pad = pad_id(tokenizer)
-    held_out = tokenize(parts["eval"], tokenizer, max_length=data.max_length, template=data.template)
-    train_set = tokenize(parts["train"], tokenizer, max_length=data.max_length, template=data.template)
-
-    def score(m, name: str) -> dict:
-        return evaluate(m, held_out, pad, batch_size=sizes.eval_batch_size, progress=progress, desc=name)
-
-    report = {"full_zero_shot": score(model, "full zero-shot"), "emulator_zero_shot": score(emulator.model, "emulator zero-shot")}
-    report["training"] = train_adapters(emulator, train_set, pad, train, progress=progress)
-    report["emulator_fine_tuned"] = score(emulator.model, "emulator fine-tuned")
-    adapters = emulator.adapter_state()
-    save_adapters(out / "adapters.safetensors", adapters, {"spec": spec.to_dict(), "source_id": loaded.model_id})
-    plug_in(model, adapters)
-    report["plug_in"] = score(model, "plug-in")
-    report.update(
-        spec=spec.to_dict(),
-        layer_map=spec.layer_map(),
-        model=loaded.model_id,
-        config={"data": to_dict(data), "emulator": to_dict(emu), "train": to_dict(train), "sizes": to_dict(sizes)},
-        seconds=time.perf_counter() - start,
+    """The emulator spec of method ``emu.method`` for ``model`` (:mod:`fed_crash.selection`),
+    and the CKA matrix when one was computed. CRaSh clusters the layers by CKA on
+    ``calibration``; search lowers the divergence from the full model on its first
+    ``search_samples`` rows. A caller that plans several emulators on the same rows passes the
+    ``similarity`` and ``probe`` it has; ``cache`` keeps the CKA matrix between runs
+    (:func:`layer_similarity`). The manifest's ``spec.selection`` records how the set was chosen."""
+    chosen = method(emu.method)
+    if chosen.needs_calibration and not calibration:
+        raise ValueError(f"method {emu.method!r} needs calibration samples (calib_samples > 0)")
+    selection = Selection(
+        len(get_layers(model)), emu,
+        similarity_fn=(lambda: similarity) if similarity is not None else lambda: layer_similarity(model, tokenizer, calibration, data, emu, progress=progress, cache=cache),
+        probe_fn=(lambda: probe) if probe is not None else lambda: search_probe(model, tokenizer, calibration, data, emu),
     )
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return report
+    if chosen.needs_calibration:
+        selection.similarity()  # CKA first, so that search_seconds times the search alone
+    start = time.perf_counter()
+    spec = chosen.select(selection)
+    info = dict(spec.selection)
+    if chosen.needs_calibration:
+        info = {"calibration_samples": len(calibration), "pooling": emu.pooling, "skip_first": emu.skip_first, "outlier_norm": emu.outlier_norm, **info}
+    if "steps" in info:
+        info = {**info, "search_seconds": round(time.perf_counter() - start, 1)}
+        info["steps"] = info.pop("steps")
+        log.info("search: kept %s after %d evaluations, %s %.4f -> %.4f", list(spec.kept), info["evaluations"], info["divergence"],
+                 info["steps"][0]["divergence"], info["steps"][-1]["divergence"])
+    return replace(spec, selection=info), selection._cache.get("similarity")

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from fed_crash import config as C
 from fed_crash.errors import FedCrashError
-from fed_crash.evaluation.compare import METHODS as COMPARE_METHODS
-from fed_crash.evaluation.mc import HUB_TASKS as HUB_TASK_NAMES
-from fed_crash.core.models import DEFAULT_MODEL
+from fed_crash.config import COMPARE_METHODS, DEFAULT_MODEL, HUB_TASK_NAMES
 
 log = logging.getLogger("fed_crash")
 
@@ -269,11 +267,12 @@ def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.E
 def cmd_emulator_build(args: argparse.Namespace) -> None:
     from fed_crash.core.artifacts import save_emulator
     from fed_crash.core.models import load_model
-    from fed_crash.selection.plan import calibration_rows, needs_calibration, plan_emulator
+    from fed_crash.selection import needs_calibration
+    from fed_crash.selection.plan import calibration_rows, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
-    calibration = calibration_rows(data.data, data, emu.calib_samples) if needs_calibration(emu) else []
+    calibration = calibration_rows(data.data, data, emu.calib_samples) if needs_calibration(emu.method) else []
     spec, similarity = plan_emulator(loaded.model, loaded.tokenizer, calibration, data, emu, progress=not args.no_progress)
     out = save_emulator(args.out, loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
     print(spec.describe())
@@ -331,7 +330,7 @@ def cmd_emulator_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from fed_crash.selection.plan import tune
+    from fed_crash.evaluation.tune import tune
 
     train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
     report = tune(

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from fed_crash.config import ConfigError, ExperimentConfig, from_mapping, parse_run_config
+from flwr.common.config import flatten_dict
+
+from fed_crash.config import ConfigError, ExperimentConfig, from_mapping, parse_run_config, resolve_path
 from fed_crash.tools.launch import check_run_config
 
 log = logging.getLogger(__name__)
@@ -62,20 +64,16 @@ class Experiment:
 
     @property
     def folder(self) -> Path:
-        from fed_crash.federation.server import resolve_path
-
         return resolve_path(self.config.results_dir) / self.config.name
 
 
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested TOML tables to flat run-config keys: {"train": {"steps": 2}} -> {"train.steps": 2}."""
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def flatten(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """Nested TOML tables to flat run-config keys, as Flower flattens an app's config:
+    {"train": {"steps": 2}} -> {"train.steps": 2}; a value Flower cannot carry fails by name."""
+    try:
+        return dict(flatten_dict(table))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _axis(name: str, spec: Any) -> dict[str, dict[str, Any]]:
@@ -84,16 +82,14 @@ def _axis(name: str, spec: Any) -> dict[str, dict[str, Any]]:
     if isinstance(spec, list) and spec:
         return {str(value): {name: value} for value in spec}
     if isinstance(spec, Mapping) and spec and all(isinstance(v, Mapping) for v in spec.values()):
-        return {variant: flatten(overrides) for variant, overrides in spec.items()}
+        return {variant: flatten(dict(overrides), f"experiment [grid] {name}.{variant}") for variant, overrides in spec.items()}
     raise ConfigError(f"experiment [grid]: axis {name!r} must be a non-empty list of values or a table of named override tables")
 
 
 def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:
     """Read and check an experiment file; ``overrides`` (flat run-config keys) apply to the base.
-    Every cell's run config is parsed and its strategy built, so a bad key or value fails here,
-    by name, before anything runs."""
-    from strategies import make_strategy
-
+    Every cell's run config is parsed, so a bad key or value fails here, by name, before
+    anything runs."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -106,7 +102,7 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     config.name = config.name or path.stem
     if not _NAME.match(config.name):
         raise ConfigError(f"{path} [experiment]: name {config.name!r} may hold letters, digits, '_', '.', '+' and '-' only (it names a folder)")
-    base = {**flatten(data.get("base", {})), **(overrides or {})}
+    base = {**flatten(data.get("base", {}), f"{path} [base]"), **(overrides or {})}
     grid = {axis: _axis(axis, spec) for axis, spec in data.get("grid", {}).items()}
     experiment = Experiment(config, list(grid))
     for combo in itertools.product(*[list(variants.items()) for variants in grid.values()]):
@@ -123,7 +119,7 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
             raise ConfigError(f"experiment cell {cell.name!r}: {taken} are set by the runner (use [experiment] results-dir)")
         try:
             check_run_config(cell.run_config)
-            make_strategy(parse_run_config(cell.run_config).fed)
+            parse_run_config(cell.run_config)
         except ConfigError as err:
             raise ConfigError(f"experiment cell {cell.name!r}: {err}") from None
     names = [cell.name for cell in experiment.cells]

@@ -1,13 +1,45 @@
-"""ServerApp: build the emulator once, federate adapter training, plug in and evaluate each round."""
+"""ServerApp: build the emulator once, federate adapter training, plug in and evaluate each round.
 
-from flwr.app import Context
+The main reads top to bottom; each step is one call into the installed ``fed_crash`` library
+(:mod:`fed_crash.federation.server`), the strategy comes from the ``strategies`` package.
+"""
+
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from alpaca.task import serve
+from fed_crash.core.models import load_model
+from fed_crash.federation.context import run_config
+from fed_crash.federation.faults import FaultPlan
+from fed_crash.federation.server import RoundEvaluator, check_clients, finish, initial_adapters, open_run, plan_or_resume, write_run
+from strategies import OffsiteStrategy, StrategyState, make_strategy
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    serve(grid, context)
+    cfg = run_config(context)  # unknown keys and wrong types fail here, by name
+    run = open_run(cfg)  # run folder and checkpoint checked (nothing written yet), data slices
+    loaded = load_model(cfg.fed.model, cache_dir=cfg.fed.cache_dir or None, device="auto")
+    run.laps.mark("model_load")
+    spec, similarity = plan_or_resume(run, loaded)
+    strategy = OffsiteStrategy(make_strategy(cfg.fed), seed=cfg.data.seed, min_available_nodes=cfg.fed.min_available_nodes,
+                               min_replies=cfg.fed.min_replies, max_update_norm=cfg.fed.max_update_norm,
+                               round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset)
+    nodes = strategy.connect(grid)
+    check_clients(run, strategy.num_partitions, len(nodes))
+    # ---- checks done: from here on the run writes to its folder
+    emulator_folder = write_run(run, loaded, spec, similarity)
+    if run.checkpoint:
+        strategy.load_state_dict(StrategyState(run.checkpoint.strategy.tensors, run.checkpoint.strategy.meta))
+    evaluate_fn = RoundEvaluator(run, loaded, spec, similarity, emulator_folder, strategy)
+    initial = initial_adapters(run, loaded.model, spec)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.fed.num_server_rounds - run.round_offset,
+        timeout=cfg.fed.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=evaluate_fn,
+    )
+    finish(run, loaded, evaluate_fn, result.arrays, initial)

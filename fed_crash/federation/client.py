@@ -1,0 +1,144 @@
+"""The ClientApp's handlers: a data owner's side of :mod:`fed_crash.federation.protocol`.
+
+A node keeps the emulator it received in its cache folder (``$FED_CRASH_NODE_CACHE/node-<id>/
+<hash>/``, written once, atomically) and, per worker process, an assembled copy; each round it
+loads the round's adapters, trains them on its private shard and replies with the trained
+adapters and metrics. Under differential privacy Flower's own ``fixedclipping_mod`` clips the
+reply (:func:`dp_clipping_mod`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+
+from fed_crash.config import RunConfig
+from fed_crash.core.artifacts import WEIGHTS, load_emulator, save_tensors
+from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
+from fed_crash.core.emulator import Emulator
+from fed_crash.core.models import resolve_device
+from fed_crash.core.train import proximal_term, train_adapters
+from fed_crash.federation import protocol as P
+from fed_crash.federation.context import run_config
+from fed_crash.federation.faults import FaultPlan, corrupt_update, crash_midway, stall
+from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, server_and_client_rows
+
+log = logging.getLogger(__name__)
+
+# Per worker process (a Ray actor serves many nodes, round after round): what costs seconds to
+# build and never changes within a run is built once.
+_EMULATORS: dict[str, tuple[Emulator, object]] = {}  # assembled emulators, by folder (named by content hash)
+_PARTITIONERS: dict[tuple, object] = {}  # the client pool's partitioner, by run config and node count
+_SHARDS: dict[tuple, list[Tokenized]] = {}  # tokenized private shards, by run config and partition
+
+
+def node_cache_dir(context: Context) -> Path:
+    """Where this node keeps what it received: ``$FED_CRASH_NODE_CACHE`` or ~/.cache/fed-crash/nodes."""
+    root = Path(os.environ.get("FED_CRASH_NODE_CACHE", Path.home() / ".cache" / "fed-crash" / "nodes"))
+    return root / f"node-{context.node_id}"
+
+
+def emulator_folder(context: Context, weights_sha256: str) -> Path:
+    return node_cache_dir(context) / weights_sha256[:16]
+
+
+def answer_partition(msg: Message, context: Context) -> Message:
+    """The partition this node holds, from its node config."""
+    return P.partition_reply(msg, context.node_config)
+
+
+def receive_emulator(msg: Message, context: Context) -> Message:
+    """Check the emulator request (:func:`protocol.read_emulator_request`: nothing is written
+    unless it passes), store it in the node's cache unless it is there, acknowledge its hash."""
+    weights, files, manifest = P.read_emulator_request(msg.content)
+    folder = emulator_folder(context, manifest["weights_sha256"])
+    if not (folder / WEIGHTS).is_file():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, blob in files.items():
+            (tmp / name).write_bytes(blob)
+        save_tensors(tmp / WEIGHTS, weights)
+        tmp.replace(folder)  # atomic: a concurrent worker of the same node sees all or nothing
+    return P.emulator_ack(msg, manifest["weights_sha256"])
+
+
+def _shard(cfg: RunConfig, context: Context, tokenizer) -> list[Tokenized]:
+    """This node's private shard, tokenized; the partitioner of the pool built once per worker."""
+    pid, num = int(context.node_config[P.PARTITION_ID]), int(context.node_config[P.NUM_PARTITIONS])
+    run = str(sorted(cfg.to_dict().items()))
+    if (run, pid, num) not in _SHARDS:
+        if (run, num) not in _PARTITIONERS:
+            rows = load_instructions(data_source(cfg), skip_malformed=cfg.data.skip_malformed)
+            pool = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
+            _PARTITIONERS[(run, num)] = make_partitioner(pool, cfg.fed, num, seed=cfg.data.seed)
+        shard = partition_rows(_PARTITIONERS[(run, num)], cfg.fed, pid)
+        _SHARDS[(run, pid, num)] = tokenize(shard, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
+    return _SHARDS[(run, pid, num)]
+
+
+def train(msg: Message, context: Context) -> Message:
+    """One round of local offsite-tuning on this node's private shard. Besides loss and counts,
+    the metrics say where the client's time went (:data:`protocol.CLIENT_METRICS`)."""
+    delivery = time.time() - msg.metadata.created_at
+    cfg = run_config(context)
+    if not cfg.fed.progress:  # keep the run's console to one line per round
+        logging.getLogger("fed_crash.core.train").setLevel(logging.WARNING)
+    request = P.read_train_request(msg.content)
+    folder = emulator_folder(context, request.weights_sha256)
+    if not (folder / WEIGHTS).is_file():
+        log.warning("node %d lacks emulator %s (its cache was cleared?): asking for it again", context.node_id, request.weights_sha256[:16])
+        return P.emulator_missing_reply(msg, request.adapters)
+    clock = time.perf_counter()
+    if str(folder) not in _EMULATORS:
+        _EMULATORS[str(folder)] = load_emulator(folder, request.adapters)[:2]  # checks the content hash
+    emulator, tokenizer = _EMULATORS[str(folder)]
+    emulator.load_adapters(request.adapters)
+    emulator.model.to(resolve_device("auto"))  # CUDA when Ray gave this actor a GPU
+    loaded, clock = time.perf_counter() - clock, time.perf_counter()
+    examples = _shard(cfg, context, tokenizer)
+    prepared = time.perf_counter() - clock
+    pid = int(context.node_config[P.PARTITION_ID])
+    train_cfg = replace(cfg.train, seed=cfg.train.seed + 1000 * request.server_round + pid)
+    plan = FaultPlan(cfg.faults)
+    fault = plan.fault(pid, request.server_round)  # injected faults (faults.*), the same draw the server makes
+    if fault == "timeout":
+        stall(cfg.fed.round_timeout, pid, request.server_round)
+    # FedProx's (mu/2)||w - w0||^2 and FedBiOT's lambda||w - w0||^2 are one proximal term
+    coefficient = request.proximal_mu / 2 + cfg.fed.fedbiot_lambda
+    extra = proximal_term(emulator.trainable_parameters(), coefficient) if coefficient > 0 else None
+    on_step = crash_midway(max(1, train_cfg.steps // 2), pid, request.server_round) if fault == "crash" else None
+    stats = train_adapters(emulator, examples, pad_id(tokenizer), train_cfg, extra_loss=extra, progress=cfg.fed.progress, on_step=on_step)
+    metrics = {
+        P.NUM_EXAMPLES: len(examples), "train-loss": stats.train_loss, "first-loss": stats.first_loss, "tokens": stats.tokens,
+        "steps": stats.steps, "seconds": stats.seconds, "step-seconds": stats.step_seconds, "delivery-seconds": delivery,
+        "load-seconds": loaded, "data-seconds": prepared, "threads": torch.get_num_threads(),
+        "peak-rss-mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+    }
+    trained = emulator.adapter_state()
+    if request.clipping_norm is not None:  # DP: dense adapters, clipped by Flower's fixedclipping_mod on the way out
+        metrics[P.UNIT_WEIGHT] = 1
+        metrics[P.UPDATE_NORM] = float(torch.sqrt(sum(((trained[k] - request.adapters[k]).double() ** 2).sum() for k in trained)))
+    elif stats.lora_factors:  # the server rebuilds the dense adapters from the ones it sent (strategies.lowrank)
+        trained = stats.lora_factors
+    if fault == "bad-update":
+        trained = corrupt_update(cfg.faults.bad_update, trained, request.adapters, scale=cfg.faults.bad_update_scale,
+                                 seed=plan.seed_for(pid, request.server_round))
+    return P.train_reply(msg, trained, metrics)
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod``, unchanged, on the train messages that ask for clipping
+    (the DP wrapper puts ``clipping_norm`` in the train config); the mod itself refuses a message
+    without it, and a run without DP sends none."""
+    if P.CLIPPING_NORM in msg.content.config_records.get(P.CONFIG, {}):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)

@@ -1,0 +1,294 @@
+"""The federation's wire protocol: every message type, record key and metric name the server
+and the clients exchange, and the check of each message, in both directions.
+
+Three exchanges, each a request from the server and one reply per node:
+
+* **partition** (``query``): the node says which partition of the client pool it holds
+  (``partition-id``, ``num-partitions`` of its node config), so the server samples and orders
+  clients by partition, not by the node ids Flower draws at random.
+* **emulator** (``train.emulator``): the emulator's tensors and small files (manifest, model
+  config, tokenizer), sent before a node's first training round and again whenever it reports
+  that it lacks them; the node checks and stores them, and acknowledges with their content hash.
+* **train** (``train``): exactly Flower's shape, one ArrayRecord (the adapters) and one
+  ConfigRecord (the round, the emulator's hash, and whatever the strategy adds: FedProx's
+  ``proximal-mu``, the DP wrapper's ``clipping_norm``), so Flower's client-side clipping mod and
+  DP wrappers apply unchanged. The reply holds the trained adapters (or, under LoRA, the
+  update's factors) and one MetricRecord; a node whose cache lost the emulator replies with the
+  adapters it was sent and ``emulator-missing = 1`` instead of training.
+
+The server never trusts a reply: :func:`check_train_reply` decides what may reach the aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fed_crash.core.artifacts import FORMAT, MANIFEST, ArtifactError, check_payload_files
+from fed_crash.core.models import state_hash
+from fed_crash.core.train import LORA_U, LORA_V
+
+# ---- message types
+PARTITION = MessageType.QUERY
+EMULATOR = f"{MessageType.TRAIN}.emulator"
+TRAIN = MessageType.TRAIN
+
+# ---- record keys (ARRAYS and CONFIG are Flower's defaults, so its strategies read and write them)
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CLIENT = "client"  # partition reply: ConfigRecord {PARTITION_ID, NUM_PARTITIONS}
+EMULATOR_WEIGHTS = "emulator"  # emulator request: ArrayRecord of the emulator's tensors
+EMULATOR_FILES = "emulator-files"  # emulator request: ConfigRecord file name -> bytes
+EMULATOR_ACK = "emulator-ack"  # emulator reply: ConfigRecord {WEIGHTS_SHA256}
+
+# ---- node config and ConfigRecord keys
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+WEIGHTS_SHA256 = "weights-sha256"  # the emulator's content hash (manifest's weights_sha256)
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+CLIPPING_NORM = KEY_CLIPPING_NORM  # set by Flower's DP wrapper, read by its fixedclipping_mod
+
+# ---- metric names of a train reply
+NUM_EXAMPLES = "num-examples"  # the weight of FedAvg-style means
+UNIT_WEIGHT = "unit-weight"  # always 1 under DP: the DP mean is unweighted
+EMULATOR_MISSING = "emulator-missing"  # 1: the node lacks the emulator and did not train
+UPDATE_NORM = "update-norm"
+CLIENT_METRICS = {  # name -> what it is; every one a finite number
+    NUM_EXAMPLES: "examples in the node's shard",
+    "train-loss": "mean loss of the last tenth of the local steps",
+    "first-loss": "loss of the first local step",
+    "tokens": "response tokens trained on",
+    "steps": "optimizer steps",
+    "seconds": "local training",
+    "step-seconds": "one optimizer step, median after the first",
+    "delivery-seconds": "from the server creating the train message to the handler starting",
+    "load-seconds": "assembling the emulator (once per worker process)",
+    "data-seconds": "partitioning and tokenizing the shard (once per worker process and node)",
+    "threads": "torch threads (Ray sets them to the actor's CPUs)",
+    "peak-rss-mib": "peak resident memory of the worker process so far",
+    UPDATE_NORM: "L2 norm of the update before clipping (DP only)",
+    UNIT_WEIGHT: "1 (DP only)",
+}
+SERVER_FIELDS = ("partition", "node", "received-norm")  # what the server adds to a client's metrics line
+
+# ---- what a DP strategy reports with a released aggregate (server side)
+DP_EPSILON, DP_DELTA, DP_RELEASES = "dp-epsilon", "dp-delta", "dp-releases"
+PRIVACY_METRICS = (DP_EPSILON, DP_DELTA, DP_RELEASES)
+
+
+class ProtocolError(ArtifactError):
+    """A message that does not follow this protocol; the message names the record or key."""
+
+
+@dataclass
+class RoundTraffic:
+    """What one round sent and received, per client (partition id: node ids change from run to
+    run, partition ids do not), which clients failed and why, and whether it aggregated."""
+
+    down: dict[int, int] = field(default_factory=dict)
+    up: dict[int, int] = field(default_factory=dict)
+    emulator_down: dict[int, int] = field(default_factory=dict)
+    clients: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # {"partition", "node", "kind", "reason"}; kind: offline, error, timeout, rejected, no-emulator
+    aggregated: bool = False  # False: the round kept the previous adapters (see note)
+    note: str = ""
+    emulator_seconds: float = 0.0  # the emulator exchange before training (send, store, acknowledge)
+    aggregate_seconds: float = 0.0  # the server's aggregation, low-rank expansion and validation included
+    privacy: dict[str, float] = field(default_factory=dict)  # PRIVACY_METRICS of a DP round that was released
+
+    def fail(self, pid: int, node: int, kind: str, reason: str) -> None:
+        self.failures.append({"partition": pid, "node": node, "kind": kind, "reason": reason})
+
+
+
+# --------------------------------------------------------------------------- partition
+
+
+def partition_request(node: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node, message_type=PARTITION)
+
+
+def partition_reply(msg: Message, node_config) -> Message:
+    record = ConfigRecord({PARTITION_ID: int(node_config[PARTITION_ID]), NUM_PARTITIONS: int(node_config[NUM_PARTITIONS])})
+    return Message(RecordDict({CLIENT: record}), reply_to=msg)
+
+
+def read_partition_reply(content: RecordDict) -> tuple[int, int]:
+    """``(partition id, partitions)``; :class:`ProtocolError` for anything else."""
+    record = content.config_records.get(CLIENT)
+    values = tuple(record.get(k) if record else None for k in (PARTITION_ID, NUM_PARTITIONS))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or not 0 <= values[0] < values[1]:
+        raise ProtocolError(f"partition reply: expected ConfigRecord {CLIENT!r} with integers 0 <= {PARTITION_ID} < {NUM_PARTITIONS}, got {values}")
+    return values  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- emulator
+
+
+@dataclass(frozen=True)
+class EmulatorPayload:
+    """What a node needs once: the emulator's tensors and small files (already checked by
+    :func:`fed_crash.core.artifacts.check_private` on the server)."""
+
+    weights: ArrayRecord
+    files: ConfigRecord
+    weights_sha256: str
+
+    def request(self, node: int) -> Message:
+        return Message(RecordDict({EMULATOR_WEIGHTS: self.weights, EMULATOR_FILES: self.files}), dst_node_id=node, message_type=EMULATOR)
+
+
+def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], dict]:
+    """``(tensors, files, manifest)`` of an emulator request, after checking that every file
+    is a plain data file (no path, no checkpoint), the manifest's format, and that the tensors'
+    content hash is the manifest's ``weights_sha256`` (nothing corrupted or replaced in transit)."""
+    if set(content) != {EMULATOR_WEIGHTS, EMULATOR_FILES}:
+        raise ProtocolError(f"emulator request: expected records {[EMULATOR_WEIGHTS, EMULATOR_FILES]}, got {sorted(content)}")
+    files = {name: bytes(blob) for name, blob in content[EMULATOR_FILES].items()}
+    check_payload_files(files)
+    if MANIFEST not in files:
+        raise ProtocolError(f"emulator request: no {MANIFEST} among the files {sorted(files)}")
+    manifest = json.loads(files[MANIFEST])
+    if manifest.get("format") != FORMAT:
+        raise ProtocolError(f"received emulator manifest has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    weights = content[EMULATOR_WEIGHTS].to_torch_state_dict()
+    if state_hash(weights) != manifest["weights_sha256"]:
+        raise ProtocolError(f"the emulator received does not match its manifest's weights_sha256 {manifest['weights_sha256'][:16]} "
+                            "(corrupted or replaced in transit); nothing was stored")
+    return weights, files, manifest
+
+
+def emulator_ack(msg: Message, weights_sha256: str) -> Message:
+    return Message(RecordDict({EMULATOR_ACK: ConfigRecord({WEIGHTS_SHA256: weights_sha256})}), reply_to=msg)
+
+
+def check_emulator_ack(content: RecordDict, expected_sha256: str) -> str | None:
+    """``None`` when the node stored the emulator that was sent, else the reason."""
+    got = content.config_records.get(EMULATOR_ACK, {}).get(WEIGHTS_SHA256)
+    return None if got == expected_sha256 else f"emulator acknowledgement names {str(got)[:16]!r}, expected {expected_sha256[:16]!r}"
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A train message as the client reads it."""
+
+    adapters: dict
+    server_round: int
+    weights_sha256: str
+    proximal_mu: float
+    clipping_norm: float | None  # DP on: Flower's fixedclipping_mod clips the reply to it
+
+
+def train_config(weights_sha256: str) -> dict:
+    """What the server adds to every round's train config."""
+    return {WEIGHTS_SHA256: weights_sha256}
+
+
+def read_train_request(content: RecordDict) -> TrainRequest:
+    if list(content.array_records) != [ARRAYS] or list(content.config_records) != [CONFIG]:
+        raise ProtocolError(f"train message: expected ArrayRecord {ARRAYS!r} and ConfigRecord {CONFIG!r}, got records {sorted(content)}")
+    config = content[CONFIG]
+    if not isinstance(config.get(SERVER_ROUND), int) or not isinstance(config.get(WEIGHTS_SHA256), str):
+        raise ProtocolError(f"train message: config needs integer {SERVER_ROUND!r} and string {WEIGHTS_SHA256!r}, got {dict(config)}")
+    norm = config.get(CLIPPING_NORM)
+    return TrainRequest(content[ARRAYS].to_torch_state_dict(), int(config[SERVER_ROUND]), str(config[WEIGHTS_SHA256]),
+                        float(config.get(PROXIMAL_MU, 0.0)), float(norm) if norm is not None else None)
+
+
+def train_reply(msg: Message, arrays: dict, metrics: dict) -> Message:
+    return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def emulator_missing_reply(msg: Message, sent: dict) -> Message:
+    """A node without the emulator answers with the adapters it was sent (so Flower's clipping
+    mod, which checks the reply's keys, passes it through) and no training."""
+    return train_reply(msg, sent, {EMULATOR_MISSING: 1})
+
+
+def lacks_emulator(content: RecordDict) -> bool:
+    return isinstance(content.get(METRICS), MetricRecord) and content[METRICS].get(EMULATOR_MISSING) == 1
+
+
+def update_norm(arrays: ArrayRecord, sent: ArrayRecord) -> float:
+    """L2 norm of ``arrays - sent`` over all tensors as one vector, in float64, summed in key
+    order (not record order, which a resumed run may have another of)."""
+    total = 0.0
+    for key in sorted(sent):
+        diff = arrays[key].numpy().astype(np.float64) - sent[key].numpy().astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def is_low_rank(arrays: ArrayRecord) -> bool:
+    """A LoRA client's reply: the update as factors ``LORA_U + key``, ``LORA_V + key``."""
+    return any(key.startswith((LORA_U, LORA_V)) for key in arrays)
+
+
+def check_train_reply(content: RecordDict, sent: ArrayRecord, *, weight_key: str, max_update_norm: float = 0.0) -> tuple[str | None, float | None]:
+    """``(reason, None)`` for a reply to reject, ``(None, update norm)`` for one to aggregate.
+
+    A reply must hold exactly the adapter tensors the server sent (same keys, shapes, dtypes),
+    finite values, an update (reply minus what was sent) no larger than ``max_update_norm``
+    (when > 0), and one MetricRecord of known names, each a finite number, with a positive
+    aggregation weight. Anything else is rejected with a reason naming the tensor or metric:
+    one broken or malicious client must neither crash the server (Flower's own consistency
+    check raises on replies with different metric keys) nor poison the mean."""
+    arrays = [name for name, r in content.items() if isinstance(r, ArrayRecord)]
+    metrics = [name for name, r in content.items() if isinstance(r, MetricRecord)]
+    if arrays != [ARRAYS] or metrics != [METRICS] or len(content) != 2:
+        return f"expected one ArrayRecord {ARRAYS!r} and one MetricRecord {METRICS!r}, got records {sorted(content)}", None
+    reply = content[ARRAYS]
+    missing, extra = sorted(set(sent) - set(reply)), sorted(set(reply) - set(sent))
+    if missing:
+        return f"{len(missing)} adapter tensor(s) missing, e.g. {missing[0]!r}", None
+    if extra:
+        return f"{len(extra)} tensor(s) that were not sent, e.g. {extra[0]!r}", None
+    for key, want in sent.items():
+        got = reply[key]
+        if tuple(got.shape) != tuple(want.shape):
+            return f"tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}", None
+        if got.dtype != want.dtype:
+            return f"tensor {key!r} has dtype {got.dtype}, expected {want.dtype}", None
+        if not np.isfinite(got.numpy()).all():
+            return f"tensor {key!r} holds NaN or infinite values", None
+    values = content[METRICS]
+    unknown = sorted(set(values) - set(CLIENT_METRICS))
+    if unknown:
+        return f"unknown metric(s) {unknown}; a train reply may report {sorted(CLIENT_METRICS)}", None
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return f"metric {name!r} must be a finite number, got {value!r}", None
+    weight = values.get(weight_key)
+    if weight is None or weight <= 0:
+        return f"metric {weight_key!r} (the aggregation weight) must be a positive number, got {weight!r}", None
+    norm = update_norm(reply, sent)
+    if max_update_norm > 0 and norm > max_update_norm:
+        return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}", None
+    return None, norm
+
+
+# --------------------------------------------------------------------------- errors
+
+_EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Fault)): (.+)$", re.M)
+_WRAPPERS = ("ClientAppException", "RayTaskError")  # how Flower's simulation wraps a ClientApp's exception
+
+
+def error_reason(reason: str) -> str:
+    """The client's own exception from the reason of a Flower error reply (in simulation, Ray's
+    traceback around it, with process ids and paths that differ from run to run): ``Type: message``
+    of the first exception line that is not one of Flower's or Ray's wrappers."""
+    for name, message in _EXCEPTION_LINE.findall(reason):
+        if name not in _WRAPPERS:
+            return f"{name}: {message.strip()}"
+    return " ".join(reason.split())[:300]
