@@ -175,12 +175,12 @@ def clients_of(lines: list[dict], rounds: Iterable[int]) -> list[dict]:
 
 def tiny_model_folder(work: Path, layers: int = 8) -> Path:
     """A tiny random Llama with a real BPE tokenizer as a Hugging Face folder, built the way the
-    tests build theirs (``tests/conftest.py``): compute per step is negligible, so what remains
+    tests build theirs (:mod:`fed_crash.tools.tiny`): compute per step is negligible, so what remains
     of a round is the framework's own cost."""
     folder = work / f"tiny-llama-{layers}"
     if not (folder / "config.json").is_file():
         sys.path.insert(0, str(REPO))
-        from tests.conftest import build_tokenizer, tiny_llama
+        from fed_crash.tools.tiny import build_tokenizer, tiny_llama
 
         tiny_llama(layers=layers).save_pretrained(folder, safe_serialization=True)
         build_tokenizer().save_pretrained(folder)

@@ -58,7 +58,7 @@ def child(payload: dict) -> None:
     examples = tokenize(payload["rows"], tokenizer, max_length=payload["max_length"])
     if payload["kind"] == "emulator":
         trainable = train_adapters(emulator, examples, pad_id(tokenizer), TrainConfig(steps=payload["steps"], batch_size=payload["batch_size"],
-                                                                                      lora_rank=payload["lora_rank"]), progress=False)["trainable"]
+                                                                                      lora_rank=payload["lora_rank"]), progress=False).trainable
     else:
         if payload["kind"] == "full-lora":
             from peft import LoraConfig, get_peft_model

@@ -39,11 +39,11 @@ def phases(lines: list[dict], rounds: list[int], actors: int) -> dict[str, float
         if line["round"] not in rounds:
             continue
         clients = line["clients"]
-        busy = {key: sum(c[key] for c in clients) / actors for key in ("receive-seconds", "load-seconds", "data-seconds", "seconds")}
+        busy = {key: sum(c[key] for c in clients) / actors for key in ("load-seconds", "data-seconds", "seconds")}
         values = {
             "round": line["round_seconds"] + line["eval_seconds"],
             "clients_train": busy["seconds"],
-            "clients_emulator": busy["receive-seconds"] + busy["load-seconds"],
+            "clients_emulator": line.get("emulator_seconds", 0.0) + busy["load-seconds"],  # the emulator exchange, then assembling it
             "clients_data": busy["data-seconds"],
             "delivery_mean": sum(c["delivery-seconds"] for c in clients) / max(1, len(clients)),
             "aggregate": line["aggregate_seconds"],

@@ -45,7 +45,7 @@ from fed_crash.errors import FedCrashError  # noqa: E402
 from fed_crash.federation.faults import KINDS, FaultPlan, find_seed  # noqa: E402
 from fed_crash.federation.server import reproducible  # noqa: E402
 from fed_crash.tools.launch import FlowerRun, flwr_run, free_port  # noqa: E402
-from tests.conftest import ROWS, build_tokenizer, tiny_llama  # noqa: E402
+from fed_crash.tools.tiny import ROWS, build_tokenizer, tiny_llama  # noqa: E402
 
 log = logging.getLogger("reliability")
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"

@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fed-crash", description="Offsite-tuning with OFT and CRaSh emulators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_emulator_commands, _tuning_commands, _evaluation_commands, _run_commands):
+        add(sub)
+    return parser
 
+
+def _emulator_commands(sub) -> None:
+    """``emulator build | inspect | compare``."""
     emu = sub.add_parser("emulator", help="emulator artifacts").add_subparsers(dest="emulator_command", required=True)
     build = emu.add_parser("build", help="choose the kept layers, print the layer map, write the emulator folder",
                            description="Build an emulator (uniform/OFT or CRaSh) of a model and write it as safetensors + JSON manifest.")
@@ -59,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(compare, C.EmulatorConfig, skip=("method", "keep", "keep_ratio", "share"))
     C.add_arguments(compare, C.TrainConfig, skip=("seed",))
 
+
+def _tuning_commands(sub) -> None:
+    """``tune``, ``plugin``, ``similarity``: the model owner's and data owner's local steps."""
     tune = sub.add_parser("tune", help="local offsite-tuning with the four-model report",
                           description="Build an emulator, train its adapters on instruction data, plug them into the full model, and report held-out loss/perplexity of full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in.")
     _common(tune)
@@ -79,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, help="output folder for cka.png and cka.json")
     C.add_arguments(sim, C.DataConfig)
     C.add_arguments(sim, C.EmulatorConfig, skip=("method", "share", "edge_fill"))
+
+
+def _evaluation_commands(sub) -> None:
+    """``eval``, ``report``, ``landscape``."""
     ev = sub.add_parser("eval", help="evaluate one model, emulator or plug-in: multiple-choice accuracy, held-out loss, ROUGE-L",
                         description="Score a model (the full model, or --emulator FOLDER; with --adapters plugged in) on multiple-choice tasks the way lm-evaluation-harness does, and on held-out instructions (loss, perplexity, greedy answers with ROUGE-L).")
     _common(ev)
@@ -109,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     land.add_argument("--out", required=True, help="output folder for landscape.png and landscape.json")
     C.add_arguments(land, C.DataConfig)
 
+
+def _run_commands(sub) -> None:
+    """``simulate`` and ``experiment``: federated runs through ``flwr run``."""
     simulate = sub.add_parser("simulate", help="run the Flower app (flwr run) with a managed SuperLink, optionally on a Ray head with the dashboard",
                               description="Run simulations/alpaca through `flwr run --stream` as a user would, with FLWR_HOME, runtime dependency installation off, and the local SuperLink stopped afterwards. The exit code reflects the run's final status.")
     simulate.add_argument("--app", default=None, help="Flower app folder (default: simulations/alpaca of this checkout)")
@@ -128,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a base run-config key for every cell, TOML value: --set model='path/to/model' --set train.steps=2 (repeatable)")
     experiment.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for the runs' SuperLinks; node caches live in its nodes/ during a cell (default: .flwr)")
-    return parser
 
 
 def _toml_assignment(text: str) -> tuple[str, object]:

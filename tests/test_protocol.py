@@ -1,0 +1,120 @@
+"""The federation layer's structure and protocol: the one-way dependency between ``strategies``
+and ``fed_crash``, light imports, the emulator exchange (resent to a node that lost it), reply
+validation, error reasons, and name lists that must agree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
+
+from fed_crash.config import COMPARE_METHODS, HUB_TASK_NAMES
+from fed_crash.federation import protocol as P
+from fed_crash.federation.faults import InjectedFault
+from tests.conftest import LocalGrid, simulated_error_reason, write_run_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _modules_loaded_by(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    return set(out.split())
+
+
+def test_fed_crash_never_imports_strategies_and_strategies_only_the_layers_below():
+    every = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "fed_crash").rglob("*.py") if p.name != "__init__.py")
+    loaded = _modules_loaded_by("; ".join(f"import {m}" for m in every))
+    assert not {m for m in loaded if m == "strategies" or m.startswith("strategies.")}, "a fed_crash module imports strategies"
+    below = _modules_loaded_by("import strategies")
+    allowed = ("fed_crash.config", "fed_crash.errors", "fed_crash.core", "fed_crash.federation.protocol", "fed_crash.federation.checkpoint",
+               "fed_crash.federation.faults", "fed_crash.federation", "fed_crash")
+    strays = sorted(m for m in below if m.startswith("fed_crash") and not m.startswith(allowed))
+    assert not strays, f"strategies loads {strays}"
+    assert "fed_crash.federation.server" not in below and "fed_crash.tools.cli" not in below
+
+
+def test_the_command_line_loads_no_torch_until_a_command_needs_it():
+    assert "torch" not in _modules_loaded_by("import fed_crash.tools.cli as c; c.build_parser()")
+
+
+def test_name_lists_agree_with_their_registries():
+    from fed_crash.evaluation.compare import VARIANTS
+    from fed_crash.evaluation.mc import HUB_TASKS
+    from fed_crash.selection import METHODS
+    from fed_crash.config import EmulatorConfig
+    import dataclasses
+
+    assert tuple(HUB_TASKS) == HUB_TASK_NAMES and tuple(VARIANTS) == COMPARE_METHODS
+    method_field = next(f for f in dataclasses.fields(EmulatorConfig) if f.name == "method")
+    assert tuple(METHODS) == method_field.metadata["choices"] == ("uniform", "crash", "search")
+
+
+def test_a_train_reply_with_unknown_missing_or_odd_metrics_is_rejected_by_name():
+    sent = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+
+    def check(metrics: dict) -> str | None:
+        content = RecordDict({P.ARRAYS: ArrayRecord({"w": Array(np.ones(2, np.float32))}), P.METRICS: MetricRecord(metrics)})
+        return P.check_train_reply(content, sent, weight_key=P.NUM_EXAMPLES)[0]
+
+    assert check({P.NUM_EXAMPLES: 3, "train-loss": 1.5}) is None
+    assert "unknown metric(s) ['partition']" in check({P.NUM_EXAMPLES: 3, "partition": 7})  # would overwrite the server's attribution
+    assert "'train-loss' must be a finite number, got [1.0, 2.0]" in check({P.NUM_EXAMPLES: 3, "train-loss": [1.0, 2.0]})
+    assert "'train-loss' must be a finite number, got nan" in check({P.NUM_EXAMPLES: 3, "train-loss": float("nan")})
+    assert "'num-examples' (the aggregation weight) must be a positive number, got None" in check({"train-loss": 1.0})
+    assert "must be a positive number, got 0" in check({P.NUM_EXAMPLES: 0})
+
+
+def test_error_reasons_are_the_clients_own_exception_whatever_ray_wraps_around_it():
+    reason = simulated_error_reason(InjectedFault("injected crash (faults.crash-rate): client 0 crashed after training step 2 in round 1"))
+    assert "RayTaskError(ClientAppException)" in reason and "pid=" in reason  # what Flower's Ray backend sends
+    assert P.error_reason(reason) == "InjectedFault: injected crash (faults.crash-rate): client 0 crashed after training step 2 in round 1"
+    other_process = reason.replace("pid=", "pid=9")
+    assert P.error_reason(other_process) == P.error_reason(reason)  # nothing run-specific survives
+
+
+@pytest.fixture
+def run_files(tmp_path, tokenizer):
+    return write_run_files(tmp_path / "files", tokenizer, copies=2)
+
+
+class ForgetfulGrid(LocalGrid):
+    """Node 1 loses its emulator cache after its first round of training."""
+
+    def __init__(self, *args, cache: Path, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache, self.trained = cache, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == P.TRAIN for m in messages):
+            self.trained += 1
+            if self.trained == 1:
+                shutil.rmtree(self.cache / "node-1")
+        return replies
+
+
+def test_a_node_whose_emulator_cache_was_deleted_gets_it_again_and_trains(run_files, tmp_path, monkeypatch, server_identity):
+    from alpaca.server_app import main
+
+    monkeypatch.setenv("FED_CRASH_NODE_CACHE", str(tmp_path / "nodes"))
+    config = {"model": str(run_files / "model"), "data": str(run_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+              "run-name": "r", "eval-examples": 8, "max-length": 256, "num-server-rounds": 3, "min-available-nodes": 2,
+              "max-client-examples": 8, "emulator.keep": 2, "emulator.share": False, "train.steps": 1, "save-model": False}
+    grid = ForgetfulGrid(2, run_config=config, cache=tmp_path / "nodes")
+    main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    lines = [json.loads(line) for line in (tmp_path / "results/r/metrics.jsonl").read_text().splitlines()]
+    assert [c["partition"] for c in lines[1]["clients"]] == [0, 1]
+    assert [c["partition"] for c in lines[2]["clients"]] == [1]
+    assert [(f["partition"], f["kind"]) for f in lines[2]["failures"]] == [(0, "no-emulator")]
+    assert [c["partition"] for c in lines[3]["clients"]] == [0, 1] and not lines[3]["failures"]  # received again, trained
+    deliveries = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == P.EMULATOR]
+    assert deliveries == [1, 2, 1]  # once each before round 1, and node 1 again before round 3
+    assert lines[3]["emulator_bytes_down"] == lines[1]["emulator_bytes_down"] / 2 > 0
+    assert (tmp_path / "nodes/node-1").is_dir()
