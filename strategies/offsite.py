@@ -174,10 +174,14 @@ class OffsiteStrategy(Strategy):
         finally:
             random.setstate(state)
 
-    def _deliver_emulator(self, grid: Grid, nodes: list[int], traffic: RoundTraffic) -> set[int]:
-        """Send the emulator to ``nodes``; the ones that acknowledged it (the rest are recorded as failed)."""
-        if not nodes or self.emulator is None:  # no emulator set: tests of aggregation alone, nothing to deliver
-            return set(nodes)
+    def _deliver_emulator(self, grid: Grid, nodes: list[int], traffic: RoundTraffic) -> None:
+        """Send the emulator to ``nodes``; the ones that acknowledge it join :attr:`has_emulator`,
+        the rest are recorded as failed."""
+        if self.emulator is None:  # no emulator set: tests of aggregation alone, nothing to deliver
+            self.has_emulator |= set(nodes)
+            return
+        if not nodes:
+            return
         start = time.perf_counter()
         requests = {node: self.emulator.request(node) for node in nodes}
         for node, request in requests.items():
@@ -194,7 +198,6 @@ class OffsiteStrategy(Strategy):
             traffic.fail(self.partitions[node], node, "timeout", f"no emulator acknowledgement within {max(self.round_timeout, QUERY_TIMEOUT_S):g}s")
         self.has_emulator |= acked
         traffic.emulator_seconds = time.perf_counter() - start
-        return acked
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -213,15 +216,12 @@ class OffsiteStrategy(Strategy):
                 traffic.fail(self.partitions[node], node, "offline", f"offline in rounds {window[0]}-{window[1]} (faults.dropout-rate): sent nothing")
             else:
                 ready.append(message)
-        acked = self._deliver_emulator(grid, [m.metadata.dst_node_id for m in ready if m.metadata.dst_node_id not in self.has_emulator], traffic)
-        self.sent_to = {}
-        out = []
-        for message in ready:
-            node = message.metadata.dst_node_id
-            if node in self.has_emulator or node in acked:
-                traffic.down[self.partitions[node]] = record_bytes(message.content)
-                self.sent_to[node] = self.partitions[node]
-                out.append(message)
+        self._deliver_emulator(grid, [m.metadata.dst_node_id for m in ready if m.metadata.dst_node_id not in self.has_emulator], traffic)
+        out = [m for m in ready if m.metadata.dst_node_id in self.has_emulator]
+        self.sent_to = {m.metadata.dst_node_id: self.partitions[m.metadata.dst_node_id] for m in out}
+        for message in out:
+            pid = self.partitions[message.metadata.dst_node_id]
+            traffic.down[pid] = record_bytes(message.content) + traffic.emulator_down.get(pid, 0)  # the round's whole download
         return out
 
     def _check(self, reply: Message) -> tuple[str | None, float | None]:
