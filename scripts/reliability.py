@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # the test suite's tiny model and rows
 
 from fed_crash.config import FaultConfig  # noqa: E402
 from fed_crash.errors import FedCrashError  # noqa: E402
-from fed_crash.federation.faults import KINDS, FaultPlan, find_seed  # noqa: E402
+from fed_crash.federation.faults import KINDS, FaultPlan, find_seed, telling  # noqa: E402
 from fed_crash.federation.server import reproducible  # noqa: E402
 from fed_crash.tools.launch import FlowerRun, flwr_run, free_port  # noqa: E402
 from fed_crash.tools.tiny import ROWS, build_tokenizer, tiny_llama  # noqa: E402
@@ -111,11 +111,6 @@ def short(text: str, limit: int = 150) -> str:
 
 def rows_for_faults(lab: Lab) -> list[list[str]]:
     faults = FaultConfig(crash_rate=0.2, timeout_rate=0.1, dropout_rate=0.15, dropout_rounds=2, bad_update_rate=0.2)
-
-    def telling(table: dict) -> bool:  # as tests/test_reliability.py stages it
-        ok = {r: sum(table[p, r] is None for p in range(3)) for r in range(1, 5)}
-        return (set(table.values()) >= set(KINDS) and {r for (_, r), k in table.items() if k == "timeout"} == {3}
-                and 0 in ok.values() and ok[1] + ok[2] > 0 and ok[4] > 0)
 
     faults = dataclasses.replace(faults, seed=find_seed(faults, 3, 4, telling))
     config = {"num-server-rounds": 4, "strategy": "fedadam", "fedopt-eta": 0.003, "round-timeout": 15.0, "max-update-norm": 50.0,

@@ -24,7 +24,7 @@ from fed_crash.federation.checkpoint import CHECKPOINT, read_checkpoint, rng_sta
 from fed_crash.config import ConfigError, FaultConfig, FederationConfig
 from fed_crash.core.data import DataError
 from fed_crash.core.emulator import EmulatorSpec, SpecError, adapter_state
-from fed_crash.federation.faults import KINDS, FaultPlan, corrupt_update, find_seed
+from fed_crash.federation.faults import KINDS, FaultPlan, corrupt_update, find_seed, telling
 from alpaca.server_app import main as serve
 from fed_crash.federation import protocol as P
 from fed_crash.federation.server import reproducible
@@ -395,15 +395,6 @@ def test_same_config_and_seed_give_the_same_metrics_whatever_the_node_ids(files,
 
 
 # --------------------------------------------------------------------------- the running system
-
-
-def telling(table: dict[tuple[int, int], str | None]) -> bool:
-    """Faults that make a telling run of 3 clients and 4 rounds: every kind happens, timeouts
-    only in round 3 (a run stopped after round 2 is stopped while the server waits them out),
-    a round in which every client fails, and some update in rounds 1-2 and in round 4."""
-    ok = {r: sum(table[p, r] is None for p in range(3)) for r in range(1, 5)}
-    return (set(table.values()) >= set(KINDS) and {r for (_, r), kind in table.items() if kind == "timeout"} == {3}
-            and 0 in ok.values() and ok[1] + ok[2] > 0 and ok[4] > 0)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ An emulator folder holds
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -47,14 +46,6 @@ class PrivacyError(ArtifactError):
 PAYLOAD_SUFFIXES = (".json", ".txt", ".jinja", ".model")
 
 
-def content_hash(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes, whatever it is called."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
-    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def check_payload_files(names: Iterable[str]) -> None:
     """Every file a node receives is a plain file name with a data suffix (no path, no weights)."""
     for name in names:
@@ -79,11 +70,11 @@ def check_private(weights: dict[str, torch.Tensor], files: Iterable[str], model:
     if stray:
         raise PrivacyError(f"emulator tensor {stray[0]!r} is not part of the emulator (kept layers {list(spec.kept)}): it would leak a removed or adapter layer")
     prefix = layer_path(model)
-    shared = {content_hash(t) for t in cut.values()}  # contents the emulator legitimately holds (e.g. identical norm weights)
+    shared = {state_hash({"": t}) for t in cut.values()}  # contents the emulator legitimately holds (e.g. identical norm weights)
     private = {h: k for k, t in model.state_dict().items()
-               if k.startswith(f"{prefix}.") and int(k[len(prefix) + 1:].split(".")[0]) in spec.removed and (h := content_hash(t)) not in shared}
+               if k.startswith(f"{prefix}.") and int(k[len(prefix) + 1:].split(".")[0]) in spec.removed and (h := state_hash({"": t})) not in shared}
     for key, tensor in weights.items():
-        leaked = private.get(content_hash(tensor))
+        leaked = private.get(state_hash({"": tensor}))
         if leaked:
             raise PrivacyError(f"emulator tensor {key!r} holds the weights of removed layer tensor {leaked!r}")
     check_payload_files(files)
@@ -152,14 +143,30 @@ def save_emulator(
     return out
 
 
+def parse_manifest(text: str | bytes, where: str) -> dict:
+    """A manifest's JSON, checked to be this format (a folder on disk, or one received)."""
+    manifest = json.loads(text)
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{where}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder} is not an emulator folder: {MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
+    return parse_manifest(path.read_text(), str(path))
+
+
+def read_weights(folder: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The emulator folder's tensors, their content hash checked against the manifest's."""
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    weights = load_file(str(path))
+    if state_hash(weights) != manifest["weights_sha256"]:
+        raise ArtifactError(f"{path} does not match the hash in its manifest (corrupted or replaced)")
+    return weights
 
 
 def load_emulator(
@@ -170,12 +177,7 @@ def load_emulator(
     The emulator weights' content hash is checked against the manifest before they are used."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    weights_path = folder / WEIGHTS
-    if not weights_path.is_file():
-        raise ArtifactError(f"{weights_path} is missing")
-    weights = load_file(str(weights_path))
-    if state_hash(weights) != manifest["weights_sha256"]:
-        raise ArtifactError(f"{weights_path} does not match the hash in its manifest (corrupted or replaced)")
+    weights = read_weights(folder, manifest)
     spec = EmulatorSpec.from_dict(manifest["spec"])
     if adapters is None:
         adapters = folder / ADAPTERS

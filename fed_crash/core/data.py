@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
-from fed_crash.config import DEFAULT_HUB_DATASET  # noqa: F401 - re-exported: the data layer's default
 from fed_crash.errors import FedCrashError
 from fed_crash.core.hub import datasets_hub_unreachable
 

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from fed_crash.core.models import get_layers, layer_path, set_layers
+from fed_crash.core.models import get_layers, layer_path, set_layers, tied_head
 from fed_crash.errors import FedCrashError
 
 EdgeFill = Literal["nearest", "adapter"]
@@ -170,7 +170,7 @@ def emulator_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torc
     for key, tensor in model.state_dict().items():
         split = _split_key(key, prefix)
         if split is None:
-            if not _tied_head(model.config, key):
+            if not tied_head(model.config, key):
                 out[key] = tensor
             continue
         index, rest = split
@@ -187,7 +187,7 @@ def emulator_weights(emulator: "Emulator") -> dict[str, torch.Tensor]:
     alignment) is written and sent like one cut from the full model."""
     model, spec, prefix = emulator.model, emulator.spec, emulator.prefix
     out = {key: tensor for key, tensor in model.state_dict().items()
-           if _split_key(key, prefix) is None and not _tied_head(model.config, key)}
+           if _split_key(key, prefix) is None and not tied_head(model.config, key)}
     layers = get_layers(model)
     for pos, (src, role) in enumerate(spec.layer_map()):
         if role in ("kept", "frozen_copy"):  # adapters travel apart; shared positions repeat a kept layer
@@ -212,10 +212,6 @@ def _check_depth(model: PreTrainedModel, spec: EmulatorSpec) -> None:
     depth = len(get_layers(model))
     if depth != spec.num_layers:
         raise SpecError(f"the spec is for a {spec.num_layers}-layer model but this model has {depth} layers")
-
-
-def _tied_head(config: PretrainedConfig, key: str) -> bool:
-    return key == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
 
 
 def check_adapters(adapters: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], target: str) -> None:
@@ -332,7 +328,7 @@ def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: Emu
         else:
             mapped[key] = tensor
     missing, unexpected = model.load_state_dict(mapped, strict=False, assign=True)
-    missing = [k for k in missing if not _tied_head(cfg, k)]
+    missing = [k for k in missing if not tied_head(cfg, k)]
     if missing or unexpected:
         raise SpecError(f"emulator weights do not fit the spec: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(cfg, "tie_word_embeddings", False):

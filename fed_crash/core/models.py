@@ -118,7 +118,7 @@ def _load_local(path: Path, cache_dir: str | Path | None, dtype: torch.dtype) ->
 
         state = load_file(str(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not _is_tied_head(model, k)]
+        missing = [k for k in missing if not tied_head(model.config, k)]
         if missing or unexpected:
             raise ModelError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
         model.tie_weights()
@@ -134,8 +134,9 @@ def _load_local(path: Path, cache_dir: str | Path | None, dtype: torch.dtype) ->
     raise ModelError(f"{path}: expected a model folder, a .safetensors or a .gguf file")
 
 
-def _is_tied_head(model: PreTrainedModel, key: str) -> bool:
-    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+def tied_head(config, key: str) -> bool:
+    """Whether ``key`` is an LM head tied to the input embeddings (stored once, under the embeddings)."""
+    return key == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
 
 
 def _load_hub(name: str, dtype: torch.dtype) -> LoadedModel:
@@ -214,7 +215,8 @@ def set_layers(model: nn.Module, layers: nn.ModuleList) -> None:
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in key order: identifies weights."""
+    """sha256 over names, dtypes, shapes and bytes, in key order: identifies weights (one
+    tensor's content whatever its name: ``state_hash({"": tensor})``)."""
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous()

@@ -148,6 +148,22 @@ class Training:
         return {k: v for k, v in asdict(self).items() if k != "lora_factors"}
 
 
+def _step(model, batch: dict, params: list, optimizer, grad_clip: float, extra_loss: Callable[[], torch.Tensor] | None) -> tuple[float, int]:
+    """One optimizer step on ``batch``: the mean response-token loss (plus ``extra_loss``),
+    gradients clipped to ``grad_clip`` when > 0. Returns the batch's mean loss (without the
+    extra term) and its labelled tokens."""
+    loss_sum, n = response_loss(model, batch)
+    loss = loss_sum / max(n, 1)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(loss_sum.detach()) / max(n, 1), n
+
+
 def _trainable(emulator: Emulator, cfg: TrainConfig):
     """The parameters to optimise and, under LoRA, the peft model wrapping the emulator."""
     if cfg.lora_rank <= 0:
@@ -194,17 +210,9 @@ def train_adapters(
     while step < steps:
         for batch in batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
             step_start = time.perf_counter()
-            loss_sum, n = response_loss(model, batch)
-            loss = loss_sum / max(n, 1)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss)
             schedule.step()
-            losses.append(float(loss_sum.detach()) / max(n, 1))
+            losses.append(loss)
             step_times.append(time.perf_counter() - step_start)
             tokens += n
             step += 1

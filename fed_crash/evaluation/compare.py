@@ -137,10 +137,7 @@ def compare_emulators(
     # every emulator zero-shot first (cheap), then the tuning runs (expensive)
     for keep, share, variant in ((k, s, v) for k in budgets for s in shares for v in methods):
         spec, build = inputs.plan(_config(emu, variant, keep, share))
-        row = {"budget": keep, "share": share, "method": variant, "kept": list(spec.kept), "depth": len(spec.layer_map()), "build_seconds": round(build, 2)}
-        if "steps" in spec.selection:
-            row.update(divergence=spec.selection["steps"][-1]["divergence"], search_steps=len(spec.selection["steps"]) - 1)
-        row.update(measure(spec, tune=False))
+        row = {**_describe(spec, variant, build), **measure(spec, tune=False)}
         log.info("%s", row)
         results.append(row)
         specs.append(spec)
@@ -153,6 +150,16 @@ def compare_emulators(
     (out / "compare.md").write_text(markdown(results, measure.full_loss))
     plot(results, measure.full_loss, out / "compare.png", title=f"{Path(loaded.model_id).name}: emulator zero-shot loss on {len(held_out)} held-out rows")
     return results
+
+
+def _describe(spec, variant: str, build_seconds: float) -> dict:
+    """A comparison row's description of an emulator: budget, sharing, kept layers, depth, build
+    time, and for search its final divergence and accepted steps."""
+    row = {"budget": len(spec.kept), "share": spec.share, "method": variant, "kept": list(spec.kept), "depth": len(spec.layer_map()),
+           "build_seconds": round(build_seconds, 2)}
+    if "steps" in spec.selection:
+        row.update(divergence=spec.selection["steps"][-1]["divergence"], search_steps=len(spec.selection["steps"]) - 1)
+    return row
 
 
 class Measure:

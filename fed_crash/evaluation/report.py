@@ -25,6 +25,7 @@ from fed_crash.core.data import format_prompt, load_instructions, pad_id, split_
 from fed_crash.core.emulator import check_adapters, plug_in
 from fed_crash.evaluation.mc import HUB_TASKS, Fields, McTask, load_task, score_mc, supports_prefix_cache
 from fed_crash.core.models import load_model, state_hash
+from fed_crash.core.plots import figure
 from fed_crash.core.train import evaluate
 
 log = logging.getLogger(__name__)
@@ -214,18 +215,10 @@ def interpolate_adapters(
 
 
 def plot_interpolation(curve: Sequence[dict], path: str | Path, *, labels: tuple[str, str] = ("A", "B"), title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([p["t"] for p in curve], [p["loss"] for p in curve], marker="o", markersize=3)
-    ax.set_xticks([0, 0.25, 0.5, 0.75, 1], [f"0\n{labels[0]}", "0.25", "0.5", "0.75", f"1\n{labels[1]}"])
-    ax.set_xlabel("interpolation t: (1 - t) A + t B, plugged into the full model")
-    ax.set_ylabel("held-out loss")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6, 3.6)) as (_, ax):
+        ax.plot([p["t"] for p in curve], [p["loss"] for p in curve], marker="o", markersize=3)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], [f"0\n{labels[0]}", "0.25", "0.5", "0.75", f"1\n{labels[1]}"])
+        ax.set_xlabel("interpolation t: (1 - t) A + t B, plugged into the full model")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)

@@ -9,6 +9,7 @@ reply (:func:`dp_clipping_mod`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -17,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -74,7 +75,7 @@ def receive_emulator(msg: Message, context: Context) -> Message:
 def _shard(cfg: RunConfig, context: Context, tokenizer) -> list[Tokenized]:
     """This node's private shard, tokenized; the partitioner of the pool built once per worker."""
     pid, num = int(context.node_config[P.PARTITION_ID]), int(context.node_config[P.NUM_PARTITIONS])
-    run = str(sorted(cfg.to_dict().items()))
+    run = json.dumps(cfg.to_dict(), sort_keys=True)
     if (run, pid, num) not in _SHARDS:
         if (run, num) not in _PARTITIONERS:
             rows = load_instructions(data_source(cfg), skip_malformed=cfg.data.skip_malformed)
@@ -126,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = emulator.adapter_state()
     if request.clipping_norm is not None:  # DP: dense adapters, clipped by Flower's fixedclipping_mod on the way out
         metrics[P.UNIT_WEIGHT] = 1
-        metrics[P.UPDATE_NORM] = float(torch.sqrt(sum(((trained[k] - request.adapters[k]).double() ** 2).sum() for k in trained)))
+        metrics[P.UPDATE_NORM] = P.update_norm(ArrayRecord(trained), ArrayRecord(request.adapters))
     elif stats.lora_factors:  # the server rebuilds the dense adapters from the ones it sent (strategies.lowrank)
         trained = stats.lora_factors
     if fault == "bad-update":

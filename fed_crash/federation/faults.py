@@ -98,6 +98,15 @@ def find_seed(cfg: FaultConfig, partitions: int, rounds: int, accept: Callable[[
     raise FedCrashError(f"no faults.seed below {tries} gives the requested scenario with these rates")
 
 
+def telling(table: dict[tuple[int, int], str | None]) -> bool:
+    """Faults that make a telling run of 3 clients and 4 rounds: every kind happens, timeouts
+    only in round 3 (a run stopped after round 2 is stopped while the server waits them out),
+    a round in which every client fails, and some update in rounds 1-2 and in round 4."""
+    ok = {r: sum(table[p, r] is None for p in range(3)) for r in range(1, 5)}
+    return (set(table.values()) >= set(KINDS) and {r for (_, r), kind in table.items() if kind == "timeout"} == {3}
+            and 0 in ok.values() and ok[1] + ok[2] > 0 and ok[4] > 0)
+
+
 def crash_midway(at_step: int, partition: int, server_round: int) -> Callable[[int], None]:
     """A per-step callback for :func:`fed_crash.core.train.train_adapters` that raises
     :class:`InjectedFault` once ``at_step`` optimizer steps are done: a client crashing

@@ -16,8 +16,8 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
-from fed_crash.config import DataConfig, FederationConfig, RunConfig, resolve_path
-from fed_crash.core.data import DEFAULT_HUB_DATASET, DataError, is_local_file, split_rows
+from fed_crash.config import DEFAULT_HUB_DATASET, DataConfig, FederationConfig, RunConfig, resolve_path
+from fed_crash.core.data import DataError, is_local_file, split_rows
 from fed_crash.selection import needs_calibration
 
 if TYPE_CHECKING:  # flwr-datasets imports the datasets library: only where partitioning runs

@@ -21,7 +21,6 @@ The server never trusts a reply: :func:`check_train_reply` decides what may reac
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fed_crash.core.artifacts import FORMAT, MANIFEST, ArtifactError, check_payload_files
+from fed_crash.core.artifacts import MANIFEST, ArtifactError, check_payload_files, parse_manifest
 from fed_crash.core.models import state_hash
 from fed_crash.core.train import LORA_U, LORA_V
 
@@ -156,9 +155,7 @@ def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], 
     check_payload_files(files)
     if MANIFEST not in files:
         raise ProtocolError(f"emulator request: no {MANIFEST} among the files {sorted(files)}")
-    manifest = json.loads(files[MANIFEST])
-    if manifest.get("format") != FORMAT:
-        raise ProtocolError(f"received emulator manifest has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = parse_manifest(files[MANIFEST], "received emulator manifest")
     weights = content[EMULATOR_WEIGHTS].to_torch_state_dict()
     if state_hash(weights) != manifest["weights_sha256"]:
         raise ProtocolError(f"the emulator received does not match its manifest's weights_sha256 {manifest['weights_sha256'][:16]} "

@@ -26,11 +26,12 @@ from safetensors.torch import load_file
 from fed_crash.config import ConfigError, RunConfig, resolve_path
 from fed_crash.core.artifacts import MANIFEST, WEIGHTS, ArtifactError, check_cut, check_private, load_emulator, save_adapters, save_emulator
 from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
-from fed_crash.core.emulator import AdapterError, EmulatorSpec, adapter_state, check_adapters, emulator_weights, plug_in
+from fed_crash.core.emulator import AdapterError, EmulatorSpec, adapter_state, build_emulator, check_adapters, emulator_weights, plug_in
 from fed_crash.core.models import LoadedModel, default_cache_dir, state_hash
 from fed_crash.core.plots import figure
 from fed_crash.core.train import evaluate
 from fed_crash.errors import FedCrashError
+from fed_crash.evaluation.mc import HUB_TASKS, load_task, score_mc
 from fed_crash.federation import protocol as P
 from fed_crash.federation.checkpoint import Checkpoint, check_resumable, read_checkpoint, resumed_history, seed_everything, set_rng_state, write_checkpoint
 from fed_crash.federation.fedbiot import align_emulator
@@ -107,8 +108,6 @@ def run_folder(cfg: RunConfig) -> Path:
 
 def open_run(cfg: RunConfig) -> Run:
     """The run folder and checkpoint, checked, and the data slices (see :class:`Run`)."""
-    from fed_crash.evaluation.mc import HUB_TASKS, load_task
-
     folder = run_folder(cfg)
     checkpoint = read_checkpoint(folder) if cfg.fed.resume else None
     if checkpoint:
@@ -141,6 +140,7 @@ def plan_or_resume(run: Run, loaded: LoadedModel) -> tuple[EmulatorSpec, torch.T
             check_adapters(checkpoint.adapters, adapter_state(model, spec), f"model {cfg.fed.model!r}")
         except AdapterError as err:
             raise ArtifactError(f"checkpoint round {checkpoint.round} adapters: {err}") from None
+        checkpoint.strategy.check_fits(list(adapter_state(model, spec)), cfg.fed.strategy)
         similarity = torch.tensor(checkpoint.manifest["similarity"]) if checkpoint.manifest.get("similarity") else None
     check_cut(spec)
     log.info("%s", spec.describe())
@@ -211,7 +211,9 @@ class RoundEvaluator:
         self.run, self.cfg, self.loaded, self.spec, self.similarity, self.strategy = run, cfg, loaded, spec, similarity, strategy
         model, tokenizer = loaded.model, loaded.tokenizer
         self.emulator_folder = emulator_folder
-        self.emulator = load_emulator(emulator_folder, run.checkpoint.adapters if run.checkpoint else None, device=str(next(model.parameters()).device))[0]
+        # a resumed run reads its emulator back (FedBiOT may have re-aligned it); a new one is cut from the model in memory
+        self.emulator = (load_emulator(emulator_folder, run.checkpoint.adapters, device=str(next(model.parameters()).device))[0]
+                         if run.checkpoint else build_emulator(model, spec))
         self.pad = pad_id(tokenizer)
         self.held_out = tokenize(run.eval_rows, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
         self.public: list[Tokenized] = tokenize(run.calibration, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template) if cfg.fed.fedbiot_align_steps > 0 else []
@@ -228,8 +230,6 @@ class RoundEvaluator:
 
     def scores(self, adapters: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out loss and perplexity of the plug-in and of the emulator, plug-in accuracy on ``mc-task``."""
-        from fed_crash.evaluation.mc import score_mc
-
         cfg, model = self.cfg, self.loaded.model
         plug_in(model, adapters)
         self.emulator.load_adapters(adapters)

@@ -16,6 +16,8 @@ returns the :class:`~fed_crash.core.emulator.EmulatorSpec`:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -23,6 +25,8 @@ import torch
 
 from fed_crash.config import CrashOptions, EmulatorConfig, SearchOptions, SpecOptions
 from fed_crash.core.emulator import EdgeFill, EmulatorSpec, SpecError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,14 @@ def search(selection: Selection) -> EmulatorSpec:
     from fed_crash.selection.search import search_kept
 
     opts: SearchOptions = selection.options(SearchOptions)
+    start = time.perf_counter()
     probe = selection.probe()
     before = probe.evaluations
     spec, steps = search_kept(probe, [uniform(selection), crash(selection)], max_evaluations=opts.search_evaluations)
+    log.info("search: kept %s after %d evaluations, %s %.4f -> %.4f", list(spec.kept), probe.evaluations - before, probe.divergence,
+             steps[0]["divergence"], steps[-1]["divergence"])
     return replace(spec, selection={"divergence": probe.divergence, "search_samples": sum(len(b["input_ids"]) for b in probe.batches),
-                                    "evaluations": probe.evaluations - before, "steps": steps})
+                                    "evaluations": probe.evaluations - before, "search_seconds": round(time.perf_counter() - start, 1), "steps": steps})
 
 
 def make_spec(
@@ -178,10 +185,6 @@ def make_spec(
 ) -> EmulatorSpec:
     """The spec of method ``name`` from plain arguments (``crash`` needs the L x L ``similarity``;
     ``search`` needs a probe: :func:`fed_crash.selection.plan.plan_emulator`)."""
-    if keep is not None and keep_ratio is not None:
-        raise SpecError("give keep or keep_ratio, not both")
-    emu = EmulatorConfig(method=name, bottom=bottom, top=top, keep=keep or 0, keep_ratio=0.4 if keep_ratio is None else keep_ratio, share=share,
-                         edge_fill=edge_fill)
-    if keep is not None and keep <= 0:
-        raise SpecError(f"cannot keep {keep} layers: the middle span has {num_layers - bottom - top} layers")
+    middle = EmulatorSpec(num_layers, bottom, top, kept=(bottom,)).middle  # validates the adapters
+    emu = EmulatorConfig(method=name, bottom=bottom, top=top, keep=resolve_keep(len(middle), keep, keep_ratio), share=share, edge_fill=edge_fill)
     return method(name).select(Selection(num_layers, emu, similarity_fn=(lambda: similarity) if similarity is not None else None))

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fed_crash.core.models import get_layers
+from fed_crash.core.plots import figure
 
 Pooling = Literal["mean", "last", "weighted"]
 
@@ -119,23 +120,17 @@ def layer_features(
 
 def plot_cka(matrix: torch.Tensor, path: str | Path, *, title: str = "", clusters: Sequence[Sequence[int]] = ()) -> None:
     """Heatmap of a layer-by-layer CKA matrix, with cluster boundaries drawn when given."""
-    import matplotlib
+    from matplotlib.patches import Rectangle
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    image = ax.imshow(matrix.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="linear CKA")
-    for cluster in clusters:
-        lo, hi = cluster[0] - 0.5, cluster[-1] + 0.5
-        ax.add_patch(plt.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="cyan", linewidth=1.2))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("layer")
-    ax.set_title(title or "layer-wise linear CKA", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6.5, 5.5)) as (fig, ax):
+        image = ax.imshow(matrix.numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax, label="linear CKA")
+        for cluster in clusters:
+            lo, hi = cluster[0] - 0.5, cluster[-1] + 0.5
+            ax.add_patch(Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="cyan", linewidth=1.2))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("layer")
+        ax.set_title(title or "layer-wise linear CKA", fontsize=9)
 
 
 def plot_clusters(
@@ -143,29 +138,23 @@ def plot_clusters(
 ) -> None:
     """CRaSh's clusters over the layer axis: adjacent-layer CKA (layer l vs l + 1) as a line,
     each cluster as a coloured span with its kept representative marked, adapters shaded grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     n = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for layer in adapters:
-        ax.axvspan(layer - 0.5, layer + 0.5, color="0.85", lw=0)
-    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # tab10's grey would read as an adapter
-    for i, cluster in enumerate(clusters):
-        ax.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color=colors[i % len(colors)], alpha=0.25, lw=0)
-        ax.text((cluster[0] + cluster[-1]) / 2, 1.005, str(i), ha="center", va="bottom", fontsize=7)
-    adjacent = [float(matrix[i, i + 1]) for i in range(n - 1)]
-    ax.plot([i + 0.5 for i in range(n - 1)], adjacent, color="black", marker=".", lw=1, label="CKA(l, l+1)")
-    low = min(adjacent)
-    ax.scatter(kept, [low - 0.02 * (1 - low + 1e-3)] * len(kept), marker="^", color="crimson", zorder=3, label="kept layer")
-    ax.set_xlim(-0.5, n - 0.5)
-    ax.set_xticks(range(0, n, 2 if n > 16 else 1))
-    ax.set_xlabel("layer (grey: adapters; coloured spans: clusters, numbered)")
-    ax.set_ylabel("adjacent linear CKA")
-    ax.set_title(title or "CRaSh clusters", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(8, 3.2)) as (_, ax):
+        for layer in adapters:
+            ax.axvspan(layer - 0.5, layer + 0.5, color="0.85", lw=0)
+        colors = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]  # tab10's grey would read as an adapter
+        for i, cluster in enumerate(clusters):
+            ax.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color=colors[i % len(colors)], alpha=0.25, lw=0)
+            ax.text((cluster[0] + cluster[-1]) / 2, 1.005, str(i), ha="center", va="bottom", fontsize=7)
+        adjacent = [float(matrix[i, i + 1]) for i in range(n - 1)]
+        ax.plot([i + 0.5 for i in range(n - 1)], adjacent, color="black", marker=".", lw=1, label="CKA(l, l+1)")
+        low = min(adjacent)
+        ax.scatter(kept, [low - 0.02 * (1 - low + 1e-3)] * len(kept), marker="^", color="crimson", zorder=3, label="kept layer")
+        ax.set_xlim(-0.5, n - 0.5)
+        ax.set_xticks(range(0, n, 2 if n > 16 else 1))
+        ax.set_xlabel("layer (grey: adapters; coloured spans: clusters, numbered)")
+        ax.set_ylabel("adjacent linear CKA")
+        ax.set_title(title or "CRaSh clusters", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")

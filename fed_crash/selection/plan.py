@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -93,21 +92,16 @@ def plan_emulator(
     chosen = method(emu.method)
     if chosen.needs_calibration and not calibration:
         raise ValueError(f"method {emu.method!r} needs calibration samples (calib_samples > 0)")
-    selection = Selection(
-        len(get_layers(model)), emu,
-        similarity_fn=(lambda: similarity) if similarity is not None else lambda: layer_similarity(model, tokenizer, calibration, data, emu, progress=progress, cache=cache),
-        probe_fn=(lambda: probe) if probe is not None else lambda: search_probe(model, tokenizer, calibration, data, emu),
-    )
-    if chosen.needs_calibration:
-        selection.similarity()  # CKA first, so that search_seconds times the search alone
-    start = time.perf_counter()
+    def cka() -> torch.Tensor:
+        return similarity if similarity is not None else layer_similarity(model, tokenizer, calibration, data, emu, progress=progress, cache=cache)
+
+    def divergence_probe() -> Probe:
+        return probe if probe is not None else search_probe(model, tokenizer, calibration, data, emu)
+
+    selection = Selection(len(get_layers(model)), emu, similarity_fn=cka, probe_fn=divergence_probe)
+    if not chosen.needs_calibration:
+        return chosen.select(selection), None
+    similarity = selection.similarity()  # before the method runs, so that search_seconds times the search alone
     spec = chosen.select(selection)
-    info = dict(spec.selection)
-    if chosen.needs_calibration:
-        info = {"calibration_samples": len(calibration), "pooling": emu.pooling, "skip_first": emu.skip_first, "outlier_norm": emu.outlier_norm, **info}
-    if "steps" in info:
-        info = {**info, "search_seconds": round(time.perf_counter() - start, 1)}
-        info["steps"] = info.pop("steps")
-        log.info("search: kept %s after %d evaluations, %s %.4f -> %.4f", list(spec.kept), info["evaluations"], info["divergence"],
-                 info["steps"][0]["divergence"], info["steps"][-1]["divergence"])
-    return replace(spec, selection=info), selection._cache.get("similarity")
+    calibrated = {"calibration_samples": len(calibration), "pooling": emu.pooling, "skip_first": emu.skip_first, "outlier_norm": emu.outlier_norm}
+    return replace(spec, selection={**calibrated, **spec.selection}), similarity

@@ -314,17 +314,14 @@ def cmd_emulator_compare(args: argparse.Namespace) -> None:
 def cmd_emulator_inspect(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
-    from fed_crash.core.artifacts import ADAPTERS, WEIGHTS, ArtifactError, read_manifest
+    from fed_crash.core.artifacts import ADAPTERS, WEIGHTS, ArtifactError, read_manifest, read_weights
     from fed_crash.core.emulator import FROZEN_PREFIX, EmulatorSpec
-    from fed_crash.core.models import state_hash
 
     folder = Path(args.folder)
     manifest = read_manifest(folder)
     spec = EmulatorSpec.from_dict(manifest["spec"])
     prefix = manifest["layer_prefix"]
-    weights = load_file(str(folder / WEIGHTS))
-    if state_hash(weights) != manifest["weights_sha256"]:
-        raise ArtifactError(f"{folder / WEIGHTS} does not match the hash in its manifest")
+    weights = read_weights(folder, manifest)
 
     def layers(state: dict) -> list[int]:
         return sorted({int(k[len(prefix) + 1:].split(".")[0]) for k in state if k.startswith(prefix + ".")})

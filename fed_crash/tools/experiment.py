@@ -40,6 +40,7 @@ from typing import Any, Mapping
 from flwr.common.config import flatten_dict
 
 from fed_crash.config import ConfigError, ExperimentConfig, from_mapping, parse_run_config, resolve_path
+from fed_crash.core.plots import figure
 from fed_crash.tools.launch import check_run_config
 
 log = logging.getLogger(__name__)
@@ -218,12 +219,6 @@ def summary_table(experiment: Experiment) -> str:
 def write_summary(experiment: Experiment) -> Path:
     """``summary.md`` (table, and the cells not finished), ``loss.png`` (plug-in loss per round,
     one line per cell) and ``accuracy.png`` (final plug-in accuracy, when an mc-task was set)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     folder = experiment.folder
     folder.mkdir(parents=True, exist_ok=True)
     finished = _finished(experiment)
@@ -233,27 +228,28 @@ def write_summary(experiment: Experiment) -> Path:
     if missing:
         text += ["", "Not finished: " + ", ".join(missing)]
     if finished:
-        fig, ax = plt.subplots(figsize=(8, 5))
+        _plot_losses(finished, folder / "loss.png")
+        text += ["", "![plug-in loss per round](loss.png)"]
+        accuracy = [(cell.name, history[-1]["server"]["plugin_acc"]) for cell, _, history in finished if "plugin_acc" in history[-1]["server"]]
+        if accuracy:
+            with figure(folder / "accuracy.png", figsize=(max(6, 0.6 * len(accuracy)), 4.5), dpi=110) as (_, ax):
+                ax.bar(range(len(accuracy)), [a for _, a in accuracy])
+                ax.set_xticks(range(len(accuracy)), [n for n, _ in accuracy], rotation=45, ha="right", fontsize="small")
+                ax.set_ylabel("final plug-in accuracy")
+            text += ["", "![final plug-in accuracy](accuracy.png)"]
+    (folder / "summary.md").write_text("\n".join(text) + "\n")
+    return folder / "summary.md"
+
+
+def _plot_losses(finished: list[tuple[Cell, dict, list[dict]]], path: Path) -> None:
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
+    with figure(path, figsize=(8, 5), dpi=110) as (_, ax):
         for i, (cell, _, history) in enumerate(finished):
             ax.plot([h["round"] for h in history], [h["server"]["plugin_loss"] for h in history], "o-", label=cell.name,
-                    color=plt.get_cmap("tab20")(i % 20))  # distinct colours for up to 20 cells (the default cycle has 10)
+                    color=colormaps["tab20"](i % 20))  # distinct colours for up to 20 cells (the default cycle has 10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("plug-in loss (held-out)")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(folder / "loss.png", dpi=110)
-        plt.close(fig)
-        text += ["", "![plug-in loss per round](loss.png)"]
-        accuracy = [(cell.name, history[-1]["server"]["plugin_acc"]) for cell, _, history in finished if "plugin_acc" in history[-1]["server"]]
-        if accuracy:
-            fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(accuracy)), 4.5))
-            ax.bar(range(len(accuracy)), [a for _, a in accuracy])
-            ax.set_xticks(range(len(accuracy)), [n for n, _ in accuracy], rotation=45, ha="right", fontsize="small")
-            ax.set_ylabel("final plug-in accuracy")
-            fig.tight_layout()
-            fig.savefig(folder / "accuracy.png", dpi=110)
-            plt.close(fig)
-            text += ["", "![final plug-in accuracy](accuracy.png)"]
-    (folder / "summary.md").write_text("\n".join(text) + "\n")
-    return folder / "summary.md"

@@ -96,6 +96,18 @@ class FlowerRun:
         return self.returncode == 0 and self.status == "finished:completed"
 
 
+def _flwr_run_command(app: Path, run_config: Mapping[str, Any] | str, connection: str | None, federation_config: str) -> list[str]:
+    """``flwr run <app> [connection | --federation-config ...] --stream [--run-config ...]``,
+    with this environment's ``flwr`` when there is one."""
+    flwr = Path(sys.executable).parent / "flwr"
+    cmd = [str(flwr) if flwr.exists() else "flwr", "run", str(app)]
+    cmd += [connection] if connection else ["--federation-config", federation_config]
+    cmd.append("--stream")
+    if run_config:
+        cmd += ["--run-config", run_config if isinstance(run_config, str) else run_config_arg(run_config)]
+    return cmd
+
+
 def flwr_run(
     run_config: Mapping[str, Any] | str,
     *,
@@ -123,18 +135,10 @@ def flwr_run(
     check_run_config(run_config, app)
     flwr_home.mkdir(parents=True, exist_ok=True)
     full_env = flower_env(flwr_home, port_base=port_base, extra=env)
-    cmd = ["flwr", "run", str(app)]
-    if connection:
-        cmd.append(connection)
-    else:
-        cmd += ["--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} client-resources-num-gpus={gpus_per_client}"]
-    cmd.append("--stream")
-    if run_config:
-        cmd += ["--run-config", run_config if isinstance(run_config, str) else run_config_arg(run_config)]
+    cmd = _flwr_run_command(app, run_config, connection, f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
+                            f"client-resources-num-gpus={gpus_per_client}")
     if "RAY_ADDRESS" not in full_env:
         clear_stale_ray_cluster()
-    flwr = Path(sys.executable).parent / "flwr"
-    cmd[0] = str(flwr) if flwr.exists() else "flwr"
     try:
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, run_id, killed = [], None, False

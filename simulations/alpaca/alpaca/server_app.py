@@ -11,7 +11,7 @@ from fed_crash.core.models import load_model
 from fed_crash.federation.context import run_config
 from fed_crash.federation.faults import FaultPlan
 from fed_crash.federation.server import RoundEvaluator, check_clients, finish, initial_adapters, open_run, plan_or_resume, write_run
-from strategies import OffsiteStrategy, StrategyState, make_strategy
+from strategies import OffsiteStrategy, make_strategy
 
 app = ServerApp()
 
@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     # ---- checks done: from here on the run writes to its folder
     emulator_folder = write_run(run, loaded, spec, similarity)
     if run.checkpoint:
-        strategy.load_state_dict(StrategyState(run.checkpoint.strategy.tensors, run.checkpoint.strategy.meta))
+        strategy.load_state_dict(run.checkpoint.strategy)
     evaluate_fn = RoundEvaluator(run, loaded, spec, similarity, emulator_folder, strategy)
     initial = initial_adapters(run, loaded.model, spec)
     result = strategy.start(
