@@ -31,7 +31,7 @@ from fed_crash.federation.server import reproducible
 from fed_crash.tools.launch import check_run_config, flwr_run, free_port
 from fed_crash.core.models import ModelError
 from strategies import ClientClippingDP, OffsiteStrategy, StrategyState, make_strategy
-from tests.conftest import ROWS, LocalGrid, tiny_llama, write_run_files
+from tests.conftest import ROWS, LocalGrid, simulated_error_reason, tiny_llama, write_run_files
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -122,7 +122,7 @@ def test_every_bad_update_is_rejected_by_name_and_the_round_aggregates_the_rest(
     updates = honest + [corrupt_update(kind, honest[0], start, scale=100.0, seed=1) for kind in BAD_UPDATES]
     replies = [Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord({"num-examples": 3 + i})}), reply_to=sent[node])
                for i, (node, update) in enumerate(zip(grid.nodes, updates))]
-    replies.append(Message(Error(code=2, reason="ClientAppException: out of memory"), reply_to=sent[grid.nodes[-2]]))
+    replies.append(Message(Error(code=2, reason=simulated_error_reason(MemoryError("out of memory"))), reply_to=sent[grid.nodes[-2]]))
     arrays, _ = strategy.aggregate_train(1, replies)
 
     traffic = strategy.rounds[1]
@@ -132,7 +132,7 @@ def test_every_bad_update_is_rejected_by_name_and_the_round_aggregates_the_rest(
                 "missing-key": "1 adapter tensor\\(s\\) missing", "extra-key": "1 tensor\\(s\\) that were not sent"}
     for i, kind in enumerate(BAD_UPDATES, start=2):
         assert failures[partition[grid.nodes[i]]][0] == "rejected" and re.search(expected[kind], failures[partition[grid.nodes[i]]][1]), kind
-    assert failures[partition[grid.nodes[-2]]] == ("error", "ClientAppException: out of memory")
+    assert failures[partition[grid.nodes[-2]]] == ("error", "MemoryError: out of memory")
     assert failures[partition[grid.nodes[-1]]] == ("timeout", "no reply within round-timeout 3600s")
     assert [c["partition"] for c in traffic.clients] == [0, 1] and traffic.aggregated
     mean = arrays.to_torch_state_dict()
@@ -428,7 +428,7 @@ def test_faults_rejections_kill_and_resume_in_real_flwr_runs(files, tmp_path):
         assert {f["partition"]: f["kind"] for f in line["failures"]} == expected, (r, line["failures"])
         assert sorted(c["partition"] for c in line["clients"]) == sorted(set(range(3)) - set(expected))
         for f in line["failures"]:
-            assert re.search({"offline": r"offline in rounds \d-\d", "error": "injected crash", "timeout": "no reply within round-timeout 20s",
+            assert re.search({"offline": r"offline in rounds \d-\d", "error": r"^InjectedFault: injected crash \(faults.crash-rate\): client \d crashed after training step 2 in round \d$", "timeout": "no reply within round-timeout 20s",
                               "rejected": "update norm .* exceeds max-update-norm 50"}[f["kind"]], f["reason"]), f
         previous, now = (load_file(a / f"adapters/round-{i}.safetensors") for i in (r - 1, r))
         assert line["aggregated"] == bool(line["clients"]) == any(not torch.equal(previous[k], now[k]) for k in now), r

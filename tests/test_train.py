@@ -58,12 +58,12 @@ def test_extra_loss_is_added(tiny_model, tokenizer):
 
 
 def test_step_times_are_the_median_after_the_first(tiny_model, tokenizer, monkeypatch):
-    """A clock that advances only inside the steps, by 0.5, 0.1, 0.3, 0.2, 0.4 s."""
+    """A clock that advances only inside the steps, by 0.5, 0.1, 0.2, 0.3, 0.9 s (median and mean of the last four differ)."""
     import fed_crash.core.train as train
 
     examples = tokenize(ROWS[:8], tokenizer, max_length=256)
     emulator = build_emulator(tiny_model, EmulatorSpec(8, 2, 2, kept=(4,)))
-    now, steps = [0.0], iter([0.5, 0.1, 0.3, 0.2, 0.4])
+    now, steps = [0.0], iter([0.5, 0.1, 0.2, 0.3, 0.9])
 
     def advance():
         now[0] += next(steps)
@@ -72,8 +72,8 @@ def test_step_times_are_the_median_after_the_first(tiny_model, tokenizer, monkey
     monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
     result = train_adapters(emulator, examples, pad_id(tokenizer), TrainConfig(steps=5, batch_size=4), extra_loss=advance, progress=False)
     assert result.first_step_seconds == pytest.approx(0.5)
-    assert result.step_seconds == pytest.approx(0.25)  # median of 0.1, 0.3, 0.2, 0.4
-    assert result.seconds == pytest.approx(1.5)
+    assert result.step_seconds == pytest.approx(0.25)  # median of 0.1, 0.2, 0.3, 0.9 (their mean is 0.375)
+    assert result.seconds == pytest.approx(2.0)
 
 
 def test_evaluate_reports_loss_and_perplexity(tiny_model, tokenizer):

@@ -279,6 +279,7 @@ def check_train_reply(content: RecordDict, sent: ArrayRecord, *, weight_key: str
 
 _EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Fault)): (.+)$", re.M)
 _WRAPPERS = ("ClientAppException", "RayTaskError")  # how Flower's simulation wraps a ClientApp's exception
+_FLOWER_REASON = re.compile(r"^<class '(?:\w+\.)*(\w+)[^']*'>:<'(.*)'>$", re.S)  # str(type(ex)) + ":<'" + str(ex) + "'>"
 
 
 def error_reason(reason: str) -> str:
@@ -288,4 +289,7 @@ def error_reason(reason: str) -> str:
     for name, message in _EXCEPTION_LINE.findall(reason):
         if name not in _WRAPPERS:
             return f"{name}: {message.strip()}"
+    wrapped = _FLOWER_REASON.match(reason.strip())  # no client traceback (e.g. a Ray actor that died): the error Flower caught
+    if wrapped:
+        return f"{wrapped.group(1)}: " + " ".join(wrapped.group(2).split())[:300]
     return " ".join(reason.split())[:300]
