@@ -77,6 +77,9 @@ def test_error_reasons_are_the_clients_own_exception_whatever_ray_wraps_around_i
     assert P.error_reason(reason) == "InjectedFault: injected crash (faults.crash-rate): client 0 crashed after training step 2 in round 1"
     other_process = reason.replace("pid=", "pid=9")
     assert P.error_reason(other_process) == P.error_reason(reason)  # nothing run-specific survives
+    # the deployment runtime sends the exception's type and message alone (flwr/supernode/runtime/run_clientapp.py)
+    crash = InjectedFault("injected crash (faults.crash-rate): client 0 crashed after training step 2 in round 1")
+    assert P.error_reason(str(type(crash)) + ":<'" + str(crash) + "'>") == f"InjectedFault: {crash}"
     # a Ray actor that died has no client traceback; this is the reason a real run logged for one
     dead = ("<class 'ray.exceptions.ActorUnavailableError'>:<'The actor 068bbf9a9111394f1800324b01000000 is unavailable: The actor is "
             "temporarily unavailable: RpcError: RPC error: Socket closed rpc_code: 14. The task may or may not have been executed on the actor.'>")

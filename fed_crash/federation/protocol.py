@@ -278,18 +278,21 @@ def check_train_reply(content: RecordDict, sent: ArrayRecord, *, weight_key: str
 # --------------------------------------------------------------------------- errors
 
 _EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception|Fault)): (.+)$", re.M)
-_WRAPPERS = ("ClientAppException", "RayTaskError")  # how Flower's simulation wraps a ClientApp's exception
 _FLOWER_REASON = re.compile(r"^<class '(?:\w+\.)*(\w+)[^']*'>:<'(.*)'>$", re.S)  # str(type(ex)) + ":<'" + str(ex) + "'>"
 
 
 def error_reason(reason: str) -> str:
-    """The client's own exception from the reason of a Flower error reply (in simulation, Ray's
-    traceback around it, with process ids and paths that differ from run to run): ``Type: message``
-    of the first exception line that is not one of Flower's or Ray's wrappers."""
-    for name, message in _EXCEPTION_LINE.findall(reason):
-        if name not in _WRAPPERS:
-            return f"{name}: {message.strip()}"
-    wrapped = _FLOWER_REASON.match(reason.strip())  # no client traceback (e.g. a Ray actor that died): the error Flower caught
+    """The client's own exception, ``Type: message``, from the reason of a Flower error reply.
+
+    In simulation the reason is Ray's ``RayTaskError`` around Flower's ``ClientAppException``,
+    with the client's traceback (process ids and paths that differ from run to run) whose first
+    exception line is the client's own (Ray prints the cause first): that line. In the
+    deployment runtime it is ``str(type(ex)) + ":<'" + str(ex) + "'>"`` of the exception itself,
+    as it is for a Ray actor that died: the type and message in it."""
+    line = _EXCEPTION_LINE.search(reason)
+    if line:
+        return f"{line.group(1)}: {line.group(2).strip()}"
+    wrapped = _FLOWER_REASON.match(reason.strip())
     if wrapped:
         return f"{wrapped.group(1)}: " + " ".join(wrapped.group(2).split())[:300]
     return " ".join(reason.split())[:300]
