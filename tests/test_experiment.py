@@ -137,9 +137,13 @@ def test_smoke_experiment_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     history = {c: [json.loads(x) for x in (exp.folder / c / "metrics.jsonl").read_text().splitlines()] for c in cells}
     for cell in cells:
         assert f"| {cell} | {cell} | {history[cell][-1]['server']['plugin_loss']:.4f} |" in summary
-    # DP: clients clipped (norm reported, unit weight), epsilon grows per round and is in the summary
+    # DP: every update was clipped on the client by Flower's fixedclipping_mod (what the server
+    # received has the clipping norm, 0.01, what the client trained had more), unit weights;
+    # epsilon grows per round and is in the summary
     dp = history["fedbiot-dp"]
-    assert all(c["unit-weight"] == 1 and c["update-norm"] > 0 for h in dp[1:] for c in h["clients"])
+    clients = [c for h in dp[1:] for c in h["clients"]]
+    assert len(clients) == 4 and all(c["unit-weight"] == 1 and c["update-norm"] > 0.01 for c in clients)
+    assert all(c["received-norm"] == pytest.approx(0.01, rel=1e-3) for c in clients)
     assert "privacy" not in dp[0] and 0 < dp[1]["privacy"]["epsilon"] < dp[2]["privacy"]["epsilon"]
     assert f"{dp[2]['privacy']['epsilon']:.2f} (1e-05) |" in summary and "privacy" not in history["fedavg"][2]
     # FedBiOT alignment after rounds 0 and 1: a new emulator folder each time, sent again to every node
