@@ -15,11 +15,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fed_crash.core.emulator import AdapterError
 from fed_crash.federation import protocol as P
+from fed_crash.federation.checkpoint import StrategyState
 from fed_crash.federation.faults import FaultPlan
+from fed_crash.federation.protocol import RoundTraffic
 
 from .lowrank import expand_low_rank
-from fed_crash.federation.checkpoint import StrategyState
-from fed_crash.federation.protocol import RoundTraffic
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ def query_partitions(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[i
     found = {}
     for reply in grid.send_and_receive([P.partition_request(node) for node in nodes], timeout=timeout):
         node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d did not say its partition: %s", node, P.error_reason(reply.error.reason))
+            continue
         try:
-            if reply.has_error():
-                raise P.ProtocolError(P.error_reason(reply.error.reason))
             found[node] = P.read_partition_reply(reply.content)
         except P.ProtocolError as err:
             log.warning("node %d did not say its partition: %s", node, err)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import Context, Error, Message, RecordDict
 from transformers import PreTrainedTokenizerFast
 

@@ -125,7 +125,6 @@ def test_fed_crash_simulate_three_supernodes_two_rounds_on_the_ray_dashboard(fl_
     import os
     import subprocess
     import sys
-    import threading
     import time
     import urllib.request
 

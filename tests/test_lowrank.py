@@ -3,7 +3,7 @@ adapters the client ended with, for Llama's Linear and GPT-2's transposed Conv1D
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fed_crash.config import FederationConfig, TrainConfig
 from fed_crash.core.data import pad_id, tokenize

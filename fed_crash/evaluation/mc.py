@@ -15,7 +15,6 @@ ARC-Challenge, OpenBookQA, PIQA in ``shared/data/eval``), hub datasets by short 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re

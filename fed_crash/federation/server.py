@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -86,7 +86,7 @@ class Run:
     calibration: list[dict[str, str]]
     client_pool: list[dict[str, str]]
     mc_rows: list[dict]
-    laps: Laps = field(default_factory=Laps)
+    laps: Laps  # started before the data was read
 
     @property
     def round_offset(self) -> int:
@@ -108,6 +108,7 @@ def run_folder(cfg: RunConfig) -> Path:
 
 def open_run(cfg: RunConfig) -> Run:
     """The run folder and checkpoint, checked, and the data slices (see :class:`Run`)."""
+    laps = Laps()  # the run's clock starts here: setup_seconds["data"] is this step
     folder = run_folder(cfg)
     checkpoint = read_checkpoint(folder) if cfg.fed.resume else None
     if checkpoint:
@@ -118,7 +119,7 @@ def open_run(cfg: RunConfig) -> Run:
     parts = server_and_client_rows(load_instructions(source, skip_malformed=cfg.data.skip_malformed), cfg.fed, cfg.data, calibration_slice(cfg))
     if public_rows_needed(cfg) and cfg.fed.calib_data:
         parts["calibration"] = calibration_rows(data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
-    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows)
+    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps)
     run.laps.mark("data")
     return run
 
