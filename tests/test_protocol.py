@@ -22,26 +22,46 @@ from tests.conftest import LocalGrid, simulated_error_reason, write_run_files
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _modules_loaded_by(statement: str) -> set[str]:
-    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    return set(out.split())
+IMPORT_PROBE = """
+import json, pathlib, sys
+def loaded(prefix): return sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))
+import fed_crash.tools.cli as cli
+cli.build_parser()
+light = {"torch": "torch" in sys.modules}
+for name in loaded("fed_crash"):  # forget what the command line loaded: strategies must load its own
+    del sys.modules[name]
+import strategies
+below = loaded("fed_crash")
+for name in loaded("strategies"):  # forget it: a fed_crash module that imports it brings it back
+    del sys.modules[name]
+import importlib
+for path in sorted(pathlib.Path("fed_crash").rglob("*.py")):
+    if path.name != "__init__.py":
+        importlib.import_module(".".join(path.with_suffix("").parts))
+print(json.dumps({**light, "strategies_loads": below, "fed_crash_loads_strategies": loaded("strategies")}))
+"""
 
 
-def test_fed_crash_never_imports_strategies_and_strategies_only_the_layers_below():
-    every = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "fed_crash").rglob("*.py") if p.name != "__init__.py")
-    loaded = _modules_loaded_by("; ".join(f"import {m}" for m in every))
-    assert not {m for m in loaded if m == "strategies" or m.startswith("strategies.")}, "a fed_crash module imports strategies"
-    below = _modules_loaded_by("import strategies")
+@pytest.fixture(scope="module")
+def imports() -> dict:
+    """What a fresh interpreter loads: the command line first (no torch), then ``strategies``
+    (which fed_crash modules), then every fed_crash module (is ``strategies`` loaded again?)."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_fed_crash_never_imports_strategies_and_strategies_only_the_layers_below(imports):
+    assert not imports["fed_crash_loads_strategies"], "a fed_crash module imports strategies"
     allowed = ("fed_crash.config", "fed_crash.errors", "fed_crash.core", "fed_crash.federation.protocol", "fed_crash.federation.checkpoint",
                "fed_crash.federation.faults", "fed_crash.federation", "fed_crash")
-    strays = sorted(m for m in below if m.startswith("fed_crash") and not m.startswith(allowed))
+    below = imports["strategies_loads"]
+    strays = sorted(m for m in below if not m.startswith(allowed))
     assert not strays, f"strategies loads {strays}"
     assert "fed_crash.federation.server" not in below and "fed_crash.tools.cli" not in below
 
 
-def test_the_command_line_loads_no_torch_until_a_command_needs_it():
-    assert "torch" not in _modules_loaded_by("import fed_crash.tools.cli as c; c.build_parser()")
+def test_the_command_line_loads_no_torch_until_a_command_needs_it(imports):
+    assert imports["torch"] is False
 
 
 def test_name_lists_agree_with_their_registries():

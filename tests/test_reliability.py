@@ -409,7 +409,7 @@ def test_faults_rejections_kill_and_resume_in_real_flwr_runs(files, tmp_path):
     config = {"model": str(files / "model"), "data": str(files / "rows.jsonl"), "results-dir": str(tmp_path / "results"), "run-name": "a",
               "eval-examples": 8, "max-length": 256, "num-server-rounds": 4, "fraction-train": 1.0, "min-train-nodes": 3,
               "min-available-nodes": 3, "max-client-examples": 16, "emulator.keep": 2, "emulator.share": False, "train.steps": 4,
-              "train.lr": 0.003, "strategy": "fedadam", "fedopt-eta": 0.003, "save-model": False, "round-timeout": 20.0,
+              "train.lr": 0.003, "strategy": "fedadam", "fedopt-eta": 0.003, "save-model": False, "round-timeout": 12.0,
               "max-update-norm": 50.0, **{f"faults.{f.name.replace('_', '-')}": getattr(faults, f.name) for f in dataclasses.fields(faults)}}
 
     def launch(name: str, **kw):
@@ -428,7 +428,7 @@ def test_faults_rejections_kill_and_resume_in_real_flwr_runs(files, tmp_path):
         assert {f["partition"]: f["kind"] for f in line["failures"]} == expected, (r, line["failures"])
         assert sorted(c["partition"] for c in line["clients"]) == sorted(set(range(3)) - set(expected))
         for f in line["failures"]:
-            assert re.search({"offline": r"offline in rounds \d-\d", "error": r"^InjectedFault: injected crash \(faults.crash-rate\): client \d crashed after training step 2 in round \d$", "timeout": "no reply within round-timeout 20s",
+            assert re.search({"offline": r"offline in rounds \d-\d", "error": r"^InjectedFault: injected crash \(faults.crash-rate\): client \d crashed after training step 2 in round \d$", "timeout": "no reply within round-timeout 12s",
                               "rejected": "update norm .* exceeds max-update-norm 50"}[f["kind"]], f["reason"]), f
         previous, now = (load_file(a / f"adapters/round-{i}.safetensors") for i in (r - 1, r))
         assert line["aggregated"] == bool(line["clients"]) == any(not torch.equal(previous[k], now[k]) for k in now), r
