@@ -61,6 +61,11 @@ class ClientClippingDP(DifferentialPrivacyClientSideFixedClipping):
             ))
         return self._accountant
 
+    @property
+    def weighted_by_key(self) -> str:
+        """The wrapped strategy's weight metric (the one its mean reads)."""
+        return self.strategy.weighted_by_key
+
     def state_dict(self) -> StrategyState:
         """The wrapped strategy's state, and the rounds released so far (the accountant's state)."""
         inner = self.strategy.state_dict()

@@ -118,7 +118,7 @@ class OffsiteStrategy(Strategy):
         self.faults = faults
         self.round_offset = round_offset
         self.settle_s = settle_s
-        self.weight_key = getattr(inner, "strategy", inner).weighted_by_key  # a DP wrapper keeps the wrapped one in .strategy
+        self.weight_key = inner.weighted_by_key
         self.emulator: P.EmulatorPayload | None = None
         self.has_emulator: set[int] = set()  # nodes that acknowledged the current emulator
         self.rounds: dict[int, RoundTraffic] = {}

@@ -112,7 +112,6 @@ def save_emulator(
     *,
     source_id: str,
     similarity: torch.Tensor | None = None,
-    extra: dict | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring).
@@ -136,7 +135,6 @@ def save_emulator(
         "weights_sha256": state_hash(weights),
         "clusters": [list(c) for c in spec.clusters],
         "similarity": similarity.tolist() if similarity is not None else None,
-        **(extra or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.info("wrote emulator %s (%s)", out, spec.describe().splitlines()[0])

@@ -144,7 +144,7 @@ class McTask:
     source: str
 
 
-def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 0, seed: int = 0, name: str | None = None) -> McTask:
+def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 0, seed: int = 0) -> McTask:
     """A multiple-choice task from a local JSONL file, or a hub dataset named in :data:`HUB_TASKS`.
 
     ``limit`` > 0 draws a seeded sample of that many questions (the same for every model).
@@ -154,7 +154,7 @@ def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 
     if is_local_file(path):
         if not path.is_file():
             raise DataError(f"multiple-choice file {path} does not exist")
-        raw, task_name, prepare = [(f"line {n}", row) for n, row in read_jsonl(path)], name or path.stem, None
+        raw, task_name, prepare = [(f"line {n}", row) for n, row in read_jsonl(path)], path.stem, None
         fields = fields or Fields()
     elif text in HUB_TASKS:
         import datasets
@@ -168,7 +168,7 @@ def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 
         except Exception as err:  # offline, gated or renamed: say which and how to work around it
             raise DataError(f"could not load hub dataset {hub.path} ({hub.name or 'default'}, {hub.split}) for task {text!r}: {err}. "
                             "Offline, pass a local JSONL file instead.") from None
-        raw, task_name, prepare = [(f"row {i}", r) for i, r in enumerate(data)], name or text, hub.prepare
+        raw, task_name, prepare = [(f"row {i}", r) for i, r in enumerate(data)], text, hub.prepare
         fields = fields or hub.fields
     else:
         raise DataError(f"multiple-choice task {text!r} is neither a .jsonl file nor one of {sorted(HUB_TASKS)}")
