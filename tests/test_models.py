@@ -67,3 +67,28 @@ def test_state_hash_sees_every_tensor():
     with torch.no_grad():
         b.model.norm.weight[0] += 1e-3
     assert state_hash(a.state_dict()) != state_hash(b.state_dict())
+
+
+def test_the_gguf_cache_is_keyed_by_content_not_by_path(tmp_path, tiny_model_dir):
+    """A reinstalled wheel (same GGUF bytes, new path and time) reuses the de-quantized cache;
+    other bytes at the same path do not. The cache folder is filled by hand here (the bytes
+    are no real GGUF, so a miss fails trying to de-quantize them)."""
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    content = b"GGUF stand-in bytes"
+    cache = tmp_path / "cache" / f"weights-{hashlib.sha256(content).hexdigest()[:16]}"
+    shutil.copytree(tiny_model_dir, cache)
+    (cache / "fed_crash_cache.json").write_text(json.dumps({"gguf": "elsewhere/weights.gguf", "size": len(content)}))
+    for venv in ("venv-a", "venv-b"):
+        path = tmp_path / venv / "weights.gguf"
+        path.parent.mkdir()
+        path.write_bytes(content)
+        os.utime(path, ns=(len(venv) * 10**9, len(venv) * 10**9))
+        loaded = load_model(str(path), cache_dir=tmp_path / "cache")
+        assert loaded.folder == str(cache) and loaded.model.config.num_hidden_layers == 8
+    path.write_bytes(content + b"!")
+    with pytest.raises(ModelError, match="weights.gguf: not a GGUF file transformers can de-quantize"):
+        load_model(str(path), cache_dir=tmp_path / "cache")

@@ -154,9 +154,12 @@ def _load_hub(name: str, dtype: torch.dtype) -> LoadedModel:
 
 
 def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, model_id: str) -> LoadedModel:
-    """De-quantize a GGUF once, then serve it from a safetensors cache keyed by file identity."""
+    """De-quantize a GGUF once, then serve it from a safetensors cache keyed by the file's
+    content (a tenth of a second to hash), so a new environment or checkout holding the same
+    wheel reuses the cache instead of de-quantizing again (tens of seconds)."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    with gguf.open("rb") as f:
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"{gguf.stem}-{key}"
     if (cache / "fed_crash_cache.json").is_file():
         start = time.perf_counter()
@@ -166,8 +169,11 @@ def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, mod
         return LoadedModel(model, tokenizer, model_id, str(cache))
     start = time.perf_counter()
     log.info("de-quantizing %s (first load; cached afterwards in %s)", gguf.name, cache)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # a truncated or foreign file fails deep in the GGUF reader
+        raise ModelError(f"{gguf}: not a GGUF file transformers can de-quantize ({type(exc).__name__}: {exc})") from exc
     # The de-quantized model is a plain float model: drop the GGUF marker so the cached
     # copy loads as an ordinary safetensors checkpoint.
     model.hf_quantizer = None
