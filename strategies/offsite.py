@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
@@ -56,20 +57,47 @@ class PartitionOrderedGrid:
         return getattr(self._grid, name)
 
 
-def query_partitions(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[int, tuple[int, int]]:
-    """Ask nodes which partition they hold (:func:`protocol.partition_request`);
-    ``{node: (partition, partitions)}`` of those that answered in time and in form."""
-    found = {}
+def query_partitions(grid: Grid, nodes: Iterable[int], timeout: float) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """Ask nodes which partition they hold (:func:`protocol.partition_request`). Returns
+    ``{node: (partition, partitions)}`` of those that answered in time and in form, and
+    ``{node: reason}`` of the others."""
+    found, failed = {}, {}
+    nodes = list(nodes)
     for reply in grid.send_and_receive([P.partition_request(node) for node in nodes], timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("node %d did not say its partition: %s", node, P.error_reason(reply.error.reason))
+            failed[node] = f"did not say its partition: {P.error_reason(reply.error.reason)}"
             continue
         try:
             found[node] = P.read_partition_reply(reply.content)
         except P.ProtocolError as err:
-            log.warning("node %d did not say its partition: %s", node, err)
-    return found
+            failed[node] = f"did not say its partition: {err}"
+    for node in set(nodes) - set(found) - set(failed):
+        failed[node] = f"did not say its partition within {timeout:g}s"
+    return found, failed
+
+
+def vet_partitions(known: dict[int, int], num_partitions: int, found: dict[int, tuple[int, int]]) -> tuple[dict[int, int], int, dict[int, str]]:
+    """Which of the newly answered nodes may train: ``(node -> partition, partitions, node -> reason
+    excluded)``. ``known`` are the nodes already admitted (``num_partitions`` theirs, 0 before the
+    first). The partition count is the known one, else the one most new nodes give (ties: the
+    larger); a node giving another is excluded. A partition claimed by an admitted node, or by
+    two new nodes at once, is trained by none of its new claimants: which of them holds the shard
+    cannot be told, and no shard may be trained twice."""
+    excluded: dict[int, str] = {}
+    if not num_partitions and found:
+        counts = Counter(n for _, n in found.values())
+        num_partitions = max(counts, key=lambda n: (counts[n], n))
+    for node, (pid, n) in found.items():
+        if n != num_partitions:
+            excluded[node] = f"says num-partitions {n}, the federation has {num_partitions}"
+    claims = Counter(pid for node, (pid, _) in found.items() if node not in excluded)
+    owners = set(known.values())
+    for node, (pid, _) in found.items():
+        if node not in excluded and (pid in owners or claims[pid] > 1):
+            excluded[node] = f"claims partition {pid}, which " + ("another node already holds" if pid in owners else f"{claims[pid]} nodes claim at once")
+    admitted = {node: pid for node, (pid, _) in found.items() if node not in excluded}
+    return admitted, num_partitions, excluded
 
 
 class OffsiteStrategy(Strategy):
@@ -118,11 +146,14 @@ class OffsiteStrategy(Strategy):
         self.faults = faults
         self.round_offset = round_offset
         self.settle_s = settle_s
-        self.weight_key = inner.weighted_by_key
+        self.shard_sizes: dict[int, int] = {}  # partition id -> its shard's rows: the most num-examples a reply may claim
+        self.clipping = False  # this round's train config asks for clipping (DP): replies carry the DP metrics
         self.emulator: P.EmulatorPayload | None = None
         self.has_emulator: set[int] = set()  # nodes that acknowledged the current emulator
         self.rounds: dict[int, RoundTraffic] = {}
-        self.partitions: dict[int, int] = {}  # node id -> partition id
+        self.partitions: dict[int, int] = {}  # node id -> partition id of every admitted node
+        self.excluded: dict[int, str] = {}  # node id -> why it may not train (asked once, never sampled)
+        self._unreported: dict[int, int] = {}  # excluded nodes not yet in a round's failures -> the partition they claimed (-1: none)
         self.num_partitions = 0
         self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every train message sent
         self.sent_arrays = ArrayRecord()  # this round's adapters: replies are checked against them, low-rank ones expanded from them
@@ -154,15 +185,20 @@ class OffsiteStrategy(Strategy):
         return dict(self.partitions)
 
     def _learn_partitions(self, grid: Grid) -> None:
-        """Ask nodes seen for the first time for their partition (in deployments nodes join late)."""
-        new = [node for node in grid.get_node_ids() if node not in self.partitions]
+        """Ask nodes seen for the first time for their partition (in deployments nodes join late)
+        and admit them by :func:`vet_partitions`; a node that does not answer in form or in time,
+        or is not admitted, is excluded for the run (asked once, recorded in the next round's
+        failures as ``excluded``)."""
+        new = [node for node in grid.get_node_ids() if node not in self.partitions and node not in self.excluded]
         if new:
             timeout = max(self.round_timeout, QUERY_TIMEOUT_S)
-            found = query_partitions(grid, new, timeout)
-            for node in set(new) - set(found):
-                log.warning("node %d did not say its partition within %.0fs: it is not sampled", node, timeout)
-            self.partitions.update({node: pid for node, (pid, _) in found.items()})
-            self.num_partitions = max([self.num_partitions, *(n for _, n in found.values())])
+            found, failed = query_partitions(grid, new, timeout)
+            admitted, self.num_partitions, refused = vet_partitions(self.partitions, self.num_partitions, found)
+            self.partitions.update(admitted)
+            for node, reason in {**failed, **refused}.items():
+                log.warning("node %d excluded: %s", node, reason)
+                self.excluded[node] = reason
+                self._unreported[node] = found.get(node, (-1, 0))[0]
 
     def _sample(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """The inner strategy's train messages, its sampler seeded for this round only."""
@@ -207,10 +243,15 @@ class OffsiteStrategy(Strategy):
         else:
             self._learn_partitions(grid)
         traffic = self.rounds.setdefault(server_round, RoundTraffic())
+        for node, pid in self._unreported.items():
+            traffic.fail(pid, node, "excluded", self.excluded[node])
+        self._unreported.clear()
         self.sent_arrays = arrays
         config = ConfigRecord({**config, **P.train_config(self.emulator.weights_sha256 if self.emulator else "")})
         ready = []
-        for message in self._sample(server_round, arrays, config, grid):
+        sampled = self._sample(server_round, arrays, config, grid)
+        self.clipping = any(P.CLIPPING_NORM in m.content[P.CONFIG] for m in sampled)
+        for message in sampled:
             node = message.metadata.dst_node_id
             window = self.faults.offline(self.partitions[node], server_round) if self.faults else None
             if window:
@@ -233,7 +274,9 @@ class OffsiteStrategy(Strategy):
                 content[P.ARRAYS] = expand_low_rank(self.sent_arrays, content[P.ARRAYS])
             except AdapterError as err:
                 return str(err), None
-        return P.check_train_reply(content, self.sent_arrays, weight_key=self.weight_key, max_update_norm=self.max_update_norm)
+        pid = self.sent_to.get(reply.metadata.src_node_id)
+        return P.check_train_reply(content, self.sent_arrays, clipping=self.clipping, max_examples=self.shard_sizes.get(pid),
+                                   max_update_norm=self.max_update_norm)
 
     def _sort_replies(self, server_round: int, replies: Iterable[Message], traffic: RoundTraffic) -> list[tuple[int, Message]]:
         """The valid replies in partition order; every other outcome recorded in ``traffic``."""

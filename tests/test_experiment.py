@@ -12,6 +12,7 @@ from fed_crash.config import ConfigError
 from fed_crash.tools.experiment import load_experiment, run_experiment
 from fed_crash.tools.launch import FlowerRun
 from tests.conftest import REPO
+from tests.test_strategies import rdp_gaussian_epsilon
 
 GRID = """
 [experiment]
@@ -146,6 +147,8 @@ def test_smoke_experiment_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     assert all(c["received-norm"] == pytest.approx(0.01, rel=1e-3) for c in clients)
     assert "privacy" not in dp[0] and 0 < dp[1]["privacy"]["epsilon"] < dp[2]["privacy"]["epsilon"]
     assert f"{dp[2]['privacy']['epsilon']:.2f} (1e-05) |" in summary and "privacy" not in history["fedavg"][2]
+    # both nodes sampled, noise multiplier 1: two Gaussian releases at sigma/2 over the sensitivity
+    assert dp[2]["privacy"]["epsilon"] == pytest.approx(rdp_gaussian_epsilon(1.0 / 2, 2, 1e-5), rel=0.01)
     # FedBiOT alignment after rounds 0 and 1: a new emulator folder each time, sent again to every node
     assert [h["alignment"]["steps"] for h in dp[:2]] == [2, 2] and "alignment" not in dp[2]
     assert (exp.folder / "fedbiot-dp" / "emulator-round-1" / "emulator.safetensors").is_file()

@@ -12,7 +12,7 @@ from fed_crash.core.train import LORA_U, train_adapters
 from strategies import OffsiteStrategy, make_strategy
 from strategies.lowrank import expand_low_rank
 from strategies.offsite import record_bytes
-from tests.conftest import ROWS
+from tests.conftest import ROWS, train_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_offsite_strategy_aggregates_low_rank_replies_as_dense_and_counts_the_fa
     strategy.sent_arrays, strategy.sent_to = ArrayRecord(start), {1: 1, 2: 2}  # what configure_train keeps of the round
     replies = []
     for node, (_, _, factors, _) in enumerate(clients, start=1):
-        content = RecordDict({"arrays": ArrayRecord(factors), "metrics": MetricRecord({"num-examples": 1})})
+        content = RecordDict({"arrays": ArrayRecord(factors), "metrics": MetricRecord(train_metrics(1))})
         meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                         group_id="1", created_at=0.0, ttl=600.0, message_type="train")
         replies.append(Message(content=content, metadata=meta))

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from fed_crash.config import COMPARE_METHODS, HUB_TASK_NAMES
 from fed_crash.federation import protocol as P
 from fed_crash.federation.faults import InjectedFault
-from tests.conftest import LocalGrid, simulated_error_reason, write_run_files
+from tests.conftest import LocalGrid, simulated_error_reason, train_metrics, write_run_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,16 +79,30 @@ def test_name_lists_agree_with_their_registries():
 def test_a_train_reply_with_unknown_missing_or_odd_metrics_is_rejected_by_name():
     sent = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
 
-    def check(metrics: dict) -> str | None:
+    def check(metrics: dict, clipping: bool = False, max_examples: int | None = None) -> str | None:
         content = RecordDict({P.ARRAYS: ArrayRecord({"w": Array(np.ones(2, np.float32))}), P.METRICS: MetricRecord(metrics)})
-        return P.check_train_reply(content, sent, weight_key=P.NUM_EXAMPLES)[0]
+        return P.check_train_reply(content, sent, clipping=clipping, max_examples=max_examples)[0]
 
-    assert check({P.NUM_EXAMPLES: 3, "train-loss": 1.5}) is None
-    assert "unknown metric(s) ['partition']" in check({P.NUM_EXAMPLES: 3, "partition": 7})  # would overwrite the server's attribution
-    assert "'train-loss' must be a finite number, got [1.0, 2.0]" in check({P.NUM_EXAMPLES: 3, "train-loss": [1.0, 2.0]})
-    assert "'train-loss' must be a finite number, got nan" in check({P.NUM_EXAMPLES: 3, "train-loss": float("nan")})
-    assert "'num-examples' (the aggregation weight) must be a positive number, got None" in check({"train-loss": 1.0})
-    assert "must be a positive number, got 0" in check({P.NUM_EXAMPLES: 0})
+    good = train_metrics(3)
+    assert check(good) is None and check(good, max_examples=3) is None
+    assert "unknown: ['partition']" in check({**good, "partition": 7})  # would overwrite the server's attribution
+    without_loss = {k: v for k, v in good.items() if k != "train-loss"}
+    assert "missing: ['train-loss']" in check(without_loss)  # Flower raises on replies whose keys differ
+    assert "'train-loss' must be a finite number, got [1.0, 2.0]" in check({**good, "train-loss": [1.0, 2.0]})
+    assert "'train-loss' must be a finite number, got nan" in check({**good, "train-loss": float("nan")})
+    assert "'train-loss' must be >= 0, got -1.0" in check({**good, "train-loss": -1.0})
+    assert "'delivery-seconds'" not in (check({**good, "delivery-seconds": -0.5}) or "")  # two machines' clocks: any sign
+    # the weight: a whole number of examples, at least one, at most the shard's size
+    assert "'num-examples' must be >= 1, got 0" in check({**good, P.NUM_EXAMPLES: 0})
+    assert "'num-examples' must be a whole number, got 2.5" in check({**good, P.NUM_EXAMPLES: 2.5})
+    assert "'num-examples' must be in [1, 3], got 1e+300 (the shard's size)" in check({**good, P.NUM_EXAMPLES: 1e300}, max_examples=3)
+    # under DP: the DP metrics are required, and the weight is exactly 1
+    assert "missing: ['unit-weight', 'update-norm']" in check(good, clipping=True)
+    dp = {**good, P.UNIT_WEIGHT: 1, P.UPDATE_NORM: 0.5}
+    assert check(dp, clipping=True) is None
+    assert "'unit-weight' must be a whole number, got 1e-09" in check({**dp, P.UNIT_WEIGHT: 1e-9}, clipping=True)
+    assert "'unit-weight' must be in [1, 1], got 2" in check({**dp, P.UNIT_WEIGHT: 2}, clipping=True)
+    assert "unknown: ['unit-weight', 'update-norm']" in check(dp)
 
 
 def test_error_reasons_are_the_clients_own_exception_whatever_ray_wraps_around_it():

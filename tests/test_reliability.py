@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fed_crash.core.artifacts import ArtifactError, PrivacyError, check_private, save_emulator
 from fed_crash.federation.checkpoint import CHECKPOINT, read_checkpoint, rng_state, set_rng_state
-from fed_crash.config import ConfigError, FaultConfig, FederationConfig
+from fed_crash.config import ConfigError, FaultConfig, FederationConfig, parse_run_config
 from fed_crash.core.data import DataError
 from fed_crash.core.emulator import EmulatorSpec, SpecError, adapter_state
 from fed_crash.federation.faults import KINDS, FaultPlan, corrupt_update, find_seed, telling
@@ -31,7 +31,7 @@ from fed_crash.federation.server import reproducible
 from fed_crash.tools.launch import check_run_config, flwr_run, free_port
 from fed_crash.core.models import ModelError
 from strategies import ClientClippingDP, OffsiteStrategy, StrategyState, make_strategy
-from tests.conftest import ROWS, LocalGrid, simulated_error_reason, tiny_llama, write_run_files
+from tests.conftest import ROWS, LocalGrid, simulated_error_reason, tiny_llama, train_metrics, write_run_files
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -120,7 +120,7 @@ def test_every_bad_update_is_rejected_by_name_and_the_round_aggregates_the_rest(
     sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)}
     partition = {node: pid for node, pid in strategy.partitions.items()}
     updates = honest + [corrupt_update(kind, honest[0], start, scale=100.0, seed=1) for kind in BAD_UPDATES]
-    replies = [Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord({"num-examples": 3 + i})}), reply_to=sent[node])
+    replies = [Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(train_metrics(3 + i))}), reply_to=sent[node])
                for i, (node, update) in enumerate(zip(grid.nodes, updates))]
     replies.append(Message(Error(code=2, reason=simulated_error_reason(MemoryError("out of memory"))), reply_to=sent[grid.nodes[-2]]))
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -145,9 +145,68 @@ def test_too_few_valid_updates_keep_the_previous_adapters():
     strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), min_replies=2, settle_s=0)
     grid = LocalGrid(2)
     sent = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), grid))
-    good = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}), "metrics": MetricRecord({"num-examples": 1})}), reply_to=sent[0])
+    good = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}), "metrics": MetricRecord(train_metrics(1))}), reply_to=sent[0])
     assert strategy.aggregate_train(1, [good]) == (None, None)
     assert strategy.rounds[1].note.startswith("1 valid update(s), fewer than min-replies 2") and not strategy.rounds[1].aggregated
+
+
+def test_a_client_cannot_choose_its_weight_beyond_its_shard():
+    """The server knows each shard's size: a claim of 1e300 examples (all the weight; two of 1e308
+    overflow the mean to zeros) is rejected by name and the honest clients' mean is released."""
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), settle_s=0)
+    grid = LocalGrid(3)
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), grid)}
+    strategy.shard_sizes = {0: 4, 1: 4, 2: 4}
+    claims = {grid.nodes[0]: (1.0, 4), grid.nodes[1]: (3.0, 2), grid.nodes[2]: (1000.0, 1e300)}
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(2, w, np.float32))}), "metrics": MetricRecord(train_metrics(n))}),
+                       reply_to=sent[node]) for node, (w, n) in claims.items()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [(4 * 1.0 + 2 * 3.0) / 6] * 2, rtol=1e-6)
+    [failure] = strategy.rounds[1].failures
+    assert failure["kind"] == "rejected" and "'num-examples' must be in [1, 4], got 1e+300 (the shard's size)" in failure["reason"]
+
+
+def test_nodes_that_claim_one_partition_or_another_count_are_excluded_and_recorded():
+    """vet_partitions by hand, then in a federation: two nodes claiming partition 0 train
+    neither shard twice nor at all (which one holds it cannot be told); one that counts 9
+    partitions among nodes that count 4 is excluded; a node that answers badly is excluded once,
+    not asked again every round. Each is in round 1's failures as ``excluded``; the rest train."""
+    from strategies.offsite import vet_partitions
+
+    admitted, n, excluded = vet_partitions({}, 0, {1: (0, 4), 2: (1, 4), 3: (1, 4), 4: (2, 9), 5: (3, 4)})
+    assert admitted == {1: 0, 5: 3} and n == 4 and set(excluded) == {2, 3, 4}
+    assert excluded[4] == "says num-partitions 9, the federation has 4" and "partition 1, which 2 nodes claim at once" in excluded[2]
+    admitted, n, excluded = vet_partitions({1: 0}, 4, {6: (0, 4), 7: (2, 4)})  # a late node claiming a held partition
+    assert admitted == {7: 2} and excluded == {6: "claims partition 0, which another node already holds"}
+
+    grid = LocalGrid(5, run_config={"train.steps": 1})
+    grid.contexts[grid.nodes[1]].node_config["partition-id"] = 0  # two claim partition 0
+    grid.contexts[grid.nodes[2]].node_config["num-partitions"] = 9
+    del grid.contexts[grid.nodes[3]].node_config["partition-id"]  # its answer raises on the node
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), settle_s=0)
+    zeros = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    sampled = {m.metadata.dst_node_id for m in strategy.configure_train(1, zeros, ConfigRecord(), grid)}
+    assert sampled == {grid.nodes[4]} and strategy.partitions == {grid.nodes[4]: 4} and strategy.num_partitions == 5
+    failures = {f["node"]: f for f in strategy.rounds[1].failures}
+    assert set(failures) == set(grid.nodes[:4]) and {f["kind"] for f in failures.values()} == {"excluded"}
+    assert "claims partition 0, which 2 nodes claim at once" in failures[grid.nodes[0]]["reason"]
+    assert "says num-partitions 9" in failures[grid.nodes[2]]["reason"] and "did not say its partition" in failures[grid.nodes[3]]["reason"]
+    asked = len(grid.sent)
+    assert [m.metadata.dst_node_id for m in strategy.configure_train(2, zeros, ConfigRecord(), grid)] == [grid.nodes[4]]
+    assert len(grid.sent) == asked and not strategy.rounds[2].failures  # the excluded are not asked again, nor recorded twice
+
+
+@pytest.mark.parametrize("overrides, nodes, message", [
+    ({"strategy": "fedmedian"}, 2, r"fedmedian over a sample of 2 \(2 nodes x fraction-train 1, min-train-nodes 2\) is the mean"),
+    ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.2}, 4, r"trims int\(0.2 x 4\) = 0 updates: sample at least 5 clients"),
+    ({"strategy": "krum", "krum-malicious": 1}, 4, r"krum with krum-malicious 1 needs a sample of at least 5 \(2f \+ 3\)"),
+])
+def test_a_robust_strategy_over_too_small_a_sample_is_refused_at_start(overrides, nodes, message):
+    from fed_crash.federation.server import robust_sample_problem
+
+    fed = parse_run_config({"fraction-train": 1.0, **overrides}).fed
+    assert re.search(message, robust_sample_problem(fed, nodes))
+    assert robust_sample_problem(fed, 5) is None and robust_sample_problem(parse_run_config({}).fed, 2) is None  # fedavg: no claim
 
 
 def test_one_client_sending_scaled_garbage_moves_fedavg_far_and_the_robust_strategies_little():
@@ -165,7 +224,7 @@ def test_one_client_sending_scaled_garbage_moves_fedavg_far_and_the_robust_strat
         strategy = OffsiteStrategy(make_strategy(FederationConfig(strategy=name, min_train_nodes=1, min_available_nodes=1, **extra)), settle_s=0)
         grid = LocalGrid(5)
         sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), grid)}
-        replies = [Message(RecordDict({"arrays": ArrayRecord(u), "metrics": MetricRecord({"num-examples": 10})}), reply_to=sent[node])
+        replies = [Message(RecordDict({"arrays": ArrayRecord(u), "metrics": MetricRecord(train_metrics(10))}), reply_to=sent[node])
                    for node, u in zip(grid.nodes, [*honest, garbage])]
         arrays, _ = strategy.aggregate_train(1, replies)
         shift[name] = float(torch.linalg.norm(arrays.to_torch_state_dict()["w"] - honest_mean)) / step
@@ -207,17 +266,26 @@ def test_checkpoint_rng_and_privacy_accounting_survive_a_resume():
     set_rng_state(state)
     assert (random.random(), float(np.random.normal()), float(torch.rand(1))) == expected
 
-    grid = LocalGrid(4)
-    dp = make_strategy(FederationConfig(strategy="fedavg", fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, dp_clipping_norm=1.0))
+    # DP: the released rounds keep counting and the secret generator continues where it stood,
+    # so a resumed run's next sample and noise are those of the uninterrupted run
+    config = FederationConfig(strategy="fedavg", fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, dp_clipping_norm=1.0)
+    grid, dp = LocalGrid(4), make_strategy(config)
+
+    def dp_round(strategy, server_round: int) -> tuple[list[int], np.ndarray]:
+        sent = list(strategy.configure_train(server_round, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), grid))
+        arrays, _ = strategy.aggregate_train(server_round, [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+                                                                                "metrics": MetricRecord({"unit-weight": 1})}), reply_to=m) for m in sent])
+        return [m.metadata.dst_node_id for m in sent], arrays["w"].numpy()
+
     for server_round in (1, 2):
-        sent = list(dp.configure_train(server_round, ArrayRecord({"w": Array(np.zeros(2, np.float32))}), ConfigRecord(), grid))
-        dp.aggregate_train(server_round, [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
-                                                             "metrics": MetricRecord({"unit-weight": 1})}), reply_to=m) for m in sent])
-    again = make_strategy(FederationConfig(strategy="fedavg", fraction_train=0.5, min_train_nodes=1, min_available_nodes=1, dp_clipping_norm=1.0))
+        dp_round(dp, server_round)
+    again = make_strategy(config)
     assert isinstance(again, ClientClippingDP)
     state = dp.state_dict()
     again.load_state_dict(StrategyState(state.tensors, json.loads(json.dumps(state.meta))))  # the meta travels as JSON
-    assert again.spent[2].epsilon == pytest.approx(dp.spent[2].epsilon) and again.spent[2].num_releases == 2
+    assert again.spent == pytest.approx(dp.spent) and len(again.releases) == 2 and again.spent[2] > again.spent[1] > 0
+    (nodes, noise), (nodes_again, noise_again) = dp_round(dp, 3), dp_round(again, 3)
+    assert nodes == nodes_again and np.array_equal(noise, noise_again)
 
 
 # --------------------------------------------------------------------------- 4. bad input

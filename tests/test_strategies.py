@@ -16,7 +16,8 @@ from fed_crash.federation import protocol as P
 from fed_crash.core.train import proximal_term
 from fed_crash.config import STRATEGY_NAMES
 from strategies import STRATEGIES, ClientClippingDP, OffsiteStrategy, make_strategy
-from tests.conftest import LocalGrid
+from strategies.dp import UNSAFE_NOISE_SEED
+from tests.conftest import LocalGrid, train_metrics
 
 
 pytestmark = pytest.mark.usefixtures("server_identity")  # conftest: messages need a process identity
@@ -26,7 +27,7 @@ def reply(node: int, w: list[float], examples: int, **metrics: float) -> Message
     """A train reply as a node sends it: one ArrayRecord, one MetricRecord with num-examples."""
     content = RecordDict({
         "arrays": ArrayRecord({"w": Array(np.asarray(w, dtype=np.float32))}),
-        "metrics": MetricRecord({"num-examples": examples, **metrics}),
+        "metrics": MetricRecord(train_metrics(examples, **metrics)),
     })
     meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                     group_id="1", created_at=0.0, ttl=600.0, message_type="train")
@@ -152,31 +153,123 @@ def test_client_clipping_is_flowers_mod_and_bounds_the_update_norm():
     torch.testing.assert_close(unclipped["a"], torch.tensor([3.0, 4.0]))
 
 
-def test_dp_wrapper_sends_the_norm_averages_unweighted_adds_noise_and_accounts():
-    from dp_accounting import dp_event, rdp
-    from dp_accounting.privacy_accountant import NeighboringRelation
+def dp_round(strategy, server_round: int, grid, updates: dict[int, np.ndarray] | np.ndarray, size: int = 2000):
+    """One DP round: configure on ``grid`` from zero adapters, every sampled node replying with
+    its update (one array for all); returns (sampled nodes, released arrays)."""
+    messages = list(strategy.configure_train(server_round, ArrayRecord({"w": Array(np.zeros(size, np.float32))}), ConfigRecord(), grid))
+    nodes = [m.metadata.dst_node_id for m in messages]
+    pick = (lambda n: updates[n]) if isinstance(updates, dict) else (lambda n: updates)
+    arrays, _ = strategy.aggregate_train(server_round, [reply(n, pick(n), 10 * n, **{"unit-weight": 1}) for n in nodes])
+    return nodes, arrays
 
-    np.random.seed(0)  # Flower draws the noise from numpy's global generator
+
+def test_dp_wrapper_sends_the_norm_averages_unweighted_clips_again_and_adds_noise(monkeypatch):
+    monkeypatch.delenv(UNSAFE_NOISE_SEED, raising=False)
     strategy = make_strategy(fed(strategy="fedavg", fraction_train=0.5, dp_clipping_norm=2.0, dp_noise_multiplier=1.5, dp_delta=1e-4))
     assert isinstance(strategy, ClientClippingDP)
     grid = LocalGrid(4)
     messages = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(2000, np.float32))}), ConfigRecord(), grid))
     assert len(messages) == 2 and strategy.num_sampled_clients == 2
     assert messages[0].content["config"]["clipping_norm"] == 2.0
-    a, b = np.full(2000, 1.0), np.full(2000, 3.0)
-    arrays, _ = strategy.aggregate_train(1, [reply(1, a, 10, **{"unit-weight": 1}), reply(2, b, 30, **{"unit-weight": 1})])
-    noise = weights(arrays) - 2.0  # unweighted mean (by examples it would be 2.5)
-    assert abs(noise.mean()) < 0.1 and noise.std() == pytest.approx(1.5 * 2.0 / 2, rel=0.1)
+    # updates of norm 0.5 * sqrt(2000) and 1.5 * sqrt(2000), far above the clip 2: the server clips
+    # each to norm 2 (a client that skipped the mod gains nothing), i.e. every entry to 2/sqrt(2000)
+    replies = [reply(n, np.full(2000, v), 10 * n, **{"unit-weight": 1}) for n, v in zip([m.metadata.dst_node_id for m in messages], (0.5, 1.5))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    noise = weights(arrays) - 2.0 / math.sqrt(2000)  # unweighted mean of the clipped updates
+    assert abs(noise.mean()) < 0.1 and noise.std() == pytest.approx(1.5 * 2.0 / 2, rel=0.1)  # sigma C / m
+    assert metrics["dp-epsilon"] == strategy.spent[1] and metrics["dp-delta"] == 1e-4 and metrics["dp-releases"] == 1
 
-    accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-    accountant.compose(dp_event.SampledWithoutReplacementDpEvent(4, 2, dp_event.GaussianDpEvent(1.5)))
-    assert strategy.spent[1].epsilon == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-6)
-    assert strategy.spent[1].delta == 1e-4
+    tiny = make_strategy(fed(strategy="fedavg", fraction_train=1.0, dp_clipping_norm=1.0, dp_noise_multiplier=1e-9))
+    grid = LocalGrid(2)
+    nodes, arrays = dp_round(tiny, 1, grid, {1: np.array([3.0, 4.0]), 2: np.array([0.3, 0.4])}, size=2)
+    np.testing.assert_allclose(weights(arrays), [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2], rtol=1e-6)  # [3, 4] clipped to [0.6, 0.8]
 
     # a round where a sampled client did not answer is not released (the noise would be too small)
-    strategy.configure_train(2, arrays, ConfigRecord(), grid)
-    assert strategy.aggregate_train(2, [reply(1, a, 10, **{"unit-weight": 1})]) == (None, None)
+    strategy.configure_train(2, arrays, ConfigRecord(), LocalGrid(4))
+    assert strategy.aggregate_train(2, [reply(1, [0.0] * 2000, 10, **{"unit-weight": 1})]) == (None, None)
     assert 2 not in strategy.spent
+
+
+def gaussian_dp_epsilon(mu: float, delta: float) -> float:
+    """The exact epsilon of a mu-GDP mechanism at delta (Balle & Wang 2018, Dong et al. 2019):
+    the smallest eps with Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) <= delta. No accountant
+    may report less for the same mechanism."""
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
+    lo, hi = 0.0, 200.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if phi(-mid / mu + mu / 2) - math.exp(mid) * phi(-mid / mu - mu / 2) > delta else (lo, mid)
+    return hi
+
+
+def rdp_gaussian_epsilon(noise_over_sensitivity: float, rounds: int, delta: float) -> float:
+    """Epsilon at delta from first principles: T rounds of a Gaussian mechanism have RDP
+    T * alpha / (2 z^2) at order alpha (Mironov 2017), converted with
+    eps = rdp + log((alpha - 1) / alpha) - (log delta + log alpha) / (alpha - 1) (Canonne, Kamath &
+    Steinke 2020, Prop. 12), minimised over a fine grid of orders."""
+    orders = [1 + i / 100 for i in range(1, 100)] + [2 + i / 10 for i in range(0, 2000)]
+    return min(rounds * a / (2 * noise_over_sensitivity**2) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1) for a in orders)
+
+
+@pytest.mark.parametrize("nodes, fraction, sigma, rounds, delta", [(4, 1.0, 2.0, 3, 1e-5), (10, 0.3, 1.2, 5, 1e-6)])
+def test_reported_epsilon_matches_an_independent_computation(nodes, fraction, sigma, rounds, delta):
+    """Replace-one client-level DP: swapping one client's clipped update moves the mean of m by at
+    most 2C/m, and the noise has std sigma C / m, so each round is a Gaussian mechanism with
+    noise multiplier sigma/2 (docs/reliability.md). All nodes sampled: no amplification, and the
+    reported epsilon must equal the RDP bound computed here from the closed form, and be no lower
+    than the exact epsilon of the composed Gaussian (mu = sqrt(T) * 2 / sigma). A secret sample of
+    m of n: the accountant composes sampled-without-replacement Gaussians, rebuilt here from
+    dp-accounting's events."""
+    from dp_accounting import dp_event, rdp
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    strategy = make_strategy(fed(strategy="fedavg", fraction_train=fraction, dp_clipping_norm=1.0, dp_noise_multiplier=sigma, dp_delta=delta))
+    grid = LocalGrid(nodes)
+    for server_round in range(1, rounds + 1):
+        sampled, _ = dp_round(strategy, server_round, grid, np.zeros(4), size=4)
+    reported, m = strategy.spent[rounds], len(sampled)
+    assert [r[1:] for r in strategy.releases] == [(m, nodes)] * rounds
+    wrong = rdp_gaussian_epsilon(sigma, rounds, delta)  # sigma taken as the noise over the sensitivity
+    if m == nodes:
+        exact = gaussian_dp_epsilon(math.sqrt(rounds) * 2 / sigma, delta)
+        assert reported == pytest.approx(rdp_gaussian_epsilon(sigma / 2, rounds, delta), rel=0.01)
+        assert exact <= reported < 1.3 * exact and reported > 2 * wrong
+    else:
+        accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        accountant.compose(dp_event.SelfComposedDpEvent(dp_event.SampledWithoutReplacementDpEvent(nodes, m, dp_event.GaussianDpEvent(sigma / 2)), rounds))
+        assert m == 3 and reported == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+        assert reported < rdp_gaussian_epsilon(sigma / 2, rounds, delta)  # the secret sample amplifies
+
+
+def test_a_client_holding_the_run_config_cannot_predict_the_dp_noise_or_sample(monkeypatch):
+    """Every node receives the run's seed. NumPy's global generator seeded with it (as the server
+    seeds its global generators) gave Flower's noise: the guess was the noise itself. Now the
+    noise comes from the server's secret generator: the best guess is uncorrelated with it; and
+    the sample is not the one the seed predicts."""
+    from fed_crash.federation.checkpoint import seed_everything
+
+    monkeypatch.delenv(UNSAFE_NOISE_SEED, raising=False)
+    size, seed = 20000, 0
+    seed_everything(seed)  # what the server does before round 1
+    strategy = make_strategy(fed(strategy="fedavg", fraction_train=1.0, dp_clipping_norm=1.0, dp_noise_multiplier=1.0))
+    _, arrays = dp_round(strategy, 1, LocalGrid(2), np.zeros(size), size=size)
+    noise = weights(arrays)  # the mean of zero updates: nothing but noise, std 1 * 1 / 2
+    np.random.seed(seed)
+    guess = np.random.normal(0, 0.5, size).astype(np.float32)
+    assert noise.std() == pytest.approx(0.5, rel=0.05) and abs(np.corrcoef(noise, guess)[0, 1]) < 0.05
+
+    # the sample: OffsiteStrategy seeds Python's random with (seed, round), as the attacker can
+    grid, cfg = LocalGrid(10), dict(strategy="fedavg", fraction_train=0.5, dp_clipping_norm=1.0)
+    predicted = OffsiteStrategy(make_strategy(fed(strategy="fedavg", fraction_train=0.5)), seed=seed)
+    private = OffsiteStrategy(make_strategy(fed(**cfg)), seed=seed)
+    zeros = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    samples = [[{m.metadata.dst_node_id for m in s.configure_train(r, zeros, ConfigRecord(), grid)} for s in (predicted, private)] for r in range(1, 6)]
+    assert all(len(a) == len(b) == 5 for a, b in samples) and any(a != b for a, b in samples)
+
+    # a fixed seed, for tests that compare runs, is a server environment variable (unsafe)
+    monkeypatch.setenv(UNSAFE_NOISE_SEED, "7")
+    same = [dp_round(make_strategy(fed(**{**cfg, "fraction_train": 1.0})), 1, LocalGrid(2), np.zeros(8), size=8)[1] for _ in range(2)]
+    np.testing.assert_array_equal(weights(same[0]), weights(same[1]))
 
 
 def test_bad_strategy_configs_fail_with_one_clear_line():

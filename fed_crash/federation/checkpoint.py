@@ -80,7 +80,8 @@ class Checkpoint:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed the server's global generators (Python, NumPy: Flower draws DP noise from it; torch)."""
+    """Seed the server's global generators (Python, NumPy, torch). DP noise and the DP sample do
+    not come from them (the run's seed is no secret): :mod:`strategies.dp` keeps its own."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

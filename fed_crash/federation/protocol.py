@@ -60,22 +60,65 @@ NUM_EXAMPLES = "num-examples"  # the weight of FedAvg-style means
 UNIT_WEIGHT = "unit-weight"  # always 1 under DP: the DP mean is unweighted
 EMULATOR_MISSING = "emulator-missing"  # 1: the node lacks the emulator and did not train
 UPDATE_NORM = "update-norm"
-CLIENT_METRICS = {  # name -> what it is; every one a finite number
-    NUM_EXAMPLES: "examples in the node's shard",
-    "train-loss": "mean loss of the last tenth of the local steps",
-    "first-loss": "loss of the first local step",
-    "tokens": "response tokens trained on",
-    "steps": "optimizer steps",
-    "seconds": "local training",
-    "step-seconds": "one optimizer step, median after the first",
-    "delivery-seconds": "from the server creating the train message to the handler starting",
-    "load-seconds": "assembling the emulator (once per worker process)",
-    "data-seconds": "partitioning and tokenizing the shard (once per worker process and node)",
-    "threads": "torch threads (Ray sets them to the actor's CPUs)",
-    "peak-rss-mib": "peak resident memory of the worker process so far",
-    UPDATE_NORM: "L2 norm of the update before clipping (DP only)",
-    UNIT_WEIGHT: "1 (DP only)",
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of a train reply: what it is and the values the server accepts."""
+
+    help: str
+    low: float | None = 0.0  # inclusive bounds (None: any finite value)
+    high: float | None = None
+    integer: bool = False
+    dp_only: bool = False  # sent (and required) exactly when the train config asks for clipping
+
+
+CLIENT_METRICS = {  # every metric a train reply carries, always the same set for a given config
+    NUM_EXAMPLES: Metric("examples in the node's shard (at most the shard's size, which the server knows)", low=1, integer=True),
+    "train-loss": Metric("mean loss of the last tenth of the local steps"),
+    "first-loss": Metric("loss of the first local step"),
+    "tokens": Metric("response tokens trained on", integer=True),
+    "steps": Metric("optimizer steps", integer=True),
+    "seconds": Metric("local training"),
+    "step-seconds": Metric("one optimizer step, median after the first"),
+    "delivery-seconds": Metric("from the server creating the train message to the handler starting (two clocks: any sign)", low=None),
+    "load-seconds": Metric("assembling the emulator (once per worker process)"),
+    "data-seconds": Metric("partitioning and tokenizing the shard (once per worker process and node)"),
+    "threads": Metric("torch threads (Ray sets them to the actor's CPUs)", low=1, integer=True),
+    "peak-rss-mib": Metric("peak resident memory of the worker process so far"),
+    UPDATE_NORM: Metric("L2 norm of the update before clipping", dp_only=True),
+    UNIT_WEIGHT: Metric("the DP mean's weight: exactly 1 (equal weights are what the noise is calibrated to)", low=1, high=1, integer=True, dp_only=True),
 }
+
+
+def train_metric_names(clipping: bool) -> set[str]:
+    """The metric names of a train reply: the DP ones too when the config asks for clipping."""
+    return {name for name, metric in CLIENT_METRICS.items() if clipping or not metric.dp_only}
+
+
+def check_metrics(values: MetricRecord, *, clipping: bool, max_examples: int | None = None) -> str | None:
+    """``None`` when the MetricRecord holds exactly :func:`train_metric_names`, each a finite
+    number within its :class:`Metric` bounds and ``num-examples`` at most ``max_examples`` (the
+    shard's size), else the reason. An exact set: Flower's aggregation raises on replies whose
+    keys differ, and the server's records read every name."""
+    names = train_metric_names(clipping)
+    unknown, missing = sorted(set(values) - names), sorted(names - set(values))
+    if unknown or missing:
+        return (f"metrics {'unknown: ' + str(unknown) if unknown else ''}{'; ' if unknown and missing else ''}"
+                f"{'missing: ' + str(missing) if missing else ''}; a train reply reports exactly {sorted(names)}")
+    for name, value in values.items():
+        metric = CLIENT_METRICS[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return f"metric {name!r} must be a finite number, got {value!r}"
+        if metric.integer and value != int(value):
+            return f"metric {name!r} must be a whole number, got {value!r}"
+        high = max_examples if name == NUM_EXAMPLES and max_examples is not None else metric.high
+        if (metric.low is not None and value < metric.low) or (high is not None and value > high):
+            bounds = f"in [{metric.low:g}, {high:g}]" if high is not None else f">= {metric.low:g}"
+            return f"metric {name!r} must be {bounds}, got {value!r}" + (" (the shard's size)" if name == NUM_EXAMPLES and high == max_examples else "")
+    return None
+
+
 SERVER_FIELDS = ("partition", "node", "received-norm")  # what the server adds to a client's metrics line
 
 # ---- what a DP strategy reports with a released aggregate (server side)
@@ -96,7 +139,7 @@ class RoundTraffic:
     up: dict[int, int] = field(default_factory=dict)
     emulator_down: dict[int, int] = field(default_factory=dict)
     clients: list[dict] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)  # {"partition", "node", "kind", "reason"}; kind: offline, error, timeout, rejected, no-emulator
+    failures: list[dict] = field(default_factory=list)  # {"partition", "node", "kind", "reason"}; kind: offline, error, timeout, rejected, no-emulator, excluded
     aggregated: bool = False  # False: the round kept the previous adapters (see note)
     note: str = ""
     emulator_seconds: float = 0.0  # the emulator exchange before training (send, store, acknowledge)
@@ -232,15 +275,15 @@ def is_low_rank(arrays: ArrayRecord) -> bool:
     return any(key.startswith((LORA_U, LORA_V)) for key in arrays)
 
 
-def check_train_reply(content: RecordDict, sent: ArrayRecord, *, weight_key: str, max_update_norm: float = 0.0) -> tuple[str | None, float | None]:
+def check_train_reply(content: RecordDict, sent: ArrayRecord, *, clipping: bool = False, max_examples: int | None = None,
+                      max_update_norm: float = 0.0) -> tuple[str | None, float | None]:
     """``(reason, None)`` for a reply to reject, ``(None, update norm)`` for one to aggregate.
 
     A reply must hold exactly the adapter tensors the server sent (same keys, shapes, dtypes),
     finite values, an update (reply minus what was sent) no larger than ``max_update_norm``
-    (when > 0), and one MetricRecord of known names, each a finite number, with a positive
-    aggregation weight. Anything else is rejected with a reason naming the tensor or metric:
-    one broken or malicious client must neither crash the server (Flower's own consistency
-    check raises on replies with different metric keys) nor poison the mean."""
+    (when > 0), and one MetricRecord that passes :func:`check_metrics`. Anything else is
+    rejected with a reason naming the tensor or metric: one broken or malicious client must
+    neither crash the server nor poison the mean, nor choose its own weight."""
     arrays = [name for name, r in content.items() if isinstance(r, ArrayRecord)]
     metrics = [name for name, r in content.items() if isinstance(r, MetricRecord)]
     if arrays != [ARRAYS] or metrics != [METRICS] or len(content) != 2:
@@ -259,16 +302,9 @@ def check_train_reply(content: RecordDict, sent: ArrayRecord, *, weight_key: str
             return f"tensor {key!r} has dtype {got.dtype}, expected {want.dtype}", None
         if not np.isfinite(got.numpy()).all():
             return f"tensor {key!r} holds NaN or infinite values", None
-    values = content[METRICS]
-    unknown = sorted(set(values) - set(CLIENT_METRICS))
-    if unknown:
-        return f"unknown metric(s) {unknown}; a train reply may report {sorted(CLIENT_METRICS)}", None
-    for name, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return f"metric {name!r} must be a finite number, got {value!r}", None
-    weight = values.get(weight_key)
-    if weight is None or weight <= 0:
-        return f"metric {weight_key!r} (the aggregation weight) must be a positive number, got {weight!r}", None
+    reason = check_metrics(content[METRICS], clipping=clipping, max_examples=max_examples)
+    if reason:
+        return reason, None
     norm = update_norm(reply, sent)
     if max_update_norm > 0 and norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}", None

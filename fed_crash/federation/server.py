@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from safetensors.torch import load_file
 
-from fed_crash.config import ConfigError, RunConfig, resolve_path
+from fed_crash.config import ConfigError, FederationConfig, RunConfig, resolve_path
 from fed_crash.core.artifacts import MANIFEST, WEIGHTS, ArtifactError, check_cut, check_private, load_emulator, save_adapters, save_emulator
 from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
 from fed_crash.core.emulator import AdapterError, EmulatorSpec, adapter_state, build_emulator, check_adapters, emulator_weights, plug_in
@@ -149,18 +150,39 @@ def plan_or_resume(run: Run, loaded: LoadedModel) -> tuple[EmulatorSpec, torch.T
     return spec, similarity
 
 
-def check_clients(run: Run, num_partitions: int, nodes: int) -> None:
+def check_clients(run: Run, num_partitions: int, nodes: int) -> dict[int, int]:
     """Before training: every client's shard can be cut (no more clients than examples, no
-    empty non-IID shard), and Flower can sample ``min-train-nodes`` of the connected nodes."""
+    empty non-IID shard), and Flower can sample ``min-train-nodes`` of the connected nodes.
+    Returns each partition's shard size, the most examples its replies may claim."""
     cfg = run.cfg
     if not nodes:
         raise FedCrashError("no connected node said which partition it holds (does the ClientApp register the partition query handler?)")
     partitioner = make_partitioner(run.client_pool, cfg.fed, num_partitions, seed=cfg.data.seed)
-    for pid in range(num_partitions):
-        partition_rows(partitioner, cfg.fed, pid)
+    sizes = {pid: len(partition_rows(partitioner, cfg.fed, pid)) for pid in range(num_partitions)}
     if cfg.fed.min_train_nodes > nodes:
         raise ConfigError(f"run config: min-train-nodes is {cfg.fed.min_train_nodes} but only {nodes} nodes are connected (Flower would wait for more forever)")
+    unprotected = robust_sample_problem(cfg.fed, nodes)
+    if unprotected:
+        raise ConfigError(f"run config: {unprotected}")
     run.laps.mark("connect")
+    return sizes
+
+
+def robust_sample_problem(fed: FederationConfig, nodes: int) -> str | None:
+    """Why the robust strategy would protect against nothing at this sample size, else ``None``.
+    The sample is Flower's, ``max(int(nodes * fraction-train), min-train-nodes)``. A median of
+    two updates is their mean; a trimmed mean cuts ``int(beta * m)`` updates from each end;
+    Krum tolerates ``f`` bad updates only among ``m >= 2f + 3`` (Blanchard et al. 2017)."""
+    m = max(int(nodes * fed.fraction_train), fed.min_train_nodes)
+    sample = f"a sample of {m} ({nodes} nodes x fraction-train {fed.fraction_train:g}, min-train-nodes {fed.min_train_nodes})"
+    if fed.strategy == "fedmedian" and m < 3:
+        return f"fedmedian over {sample} is the mean: sample at least 3 clients per round"
+    if fed.strategy == "fedtrimmedavg" and int(fed.trimmed_beta * m) < 1:
+        return (f"fedtrimmedavg with trimmed-beta {fed.trimmed_beta:g} over {sample} trims int({fed.trimmed_beta:g} x {m}) = 0 updates: "
+                f"sample at least {math.ceil(1 / fed.trimmed_beta - 1e-9) if fed.trimmed_beta > 0 else 'more'} clients per round or raise trimmed-beta")
+    if fed.strategy == "krum" and m < 2 * fed.krum_malicious + 3:
+        return f"krum with krum-malicious {fed.krum_malicious} needs a sample of at least {2 * fed.krum_malicious + 3} (2f + 3), got {sample}"
+    return None
 
 
 def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPayload:
@@ -187,8 +209,7 @@ def write_run(run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: tor
 
 def initial_adapters(run: Run, model, spec: EmulatorSpec) -> ArrayRecord:
     """Round 0's adapters (the checkpoint's when resuming), in the model's key order; the server's
-    global generators start where the uninterrupted run stood, or from the seed (they are drawn
-    from only by DP noise)."""
+    global generators start where the uninterrupted run stood, or from the seed."""
     if run.checkpoint:
         set_rng_state(run.checkpoint.rng)
     else:

@@ -27,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
                                min_replies=cfg.fed.min_replies, max_update_norm=cfg.fed.max_update_norm,
                                round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset)
     nodes = strategy.connect(grid)
-    check_clients(run, strategy.num_partitions, len(nodes))
+    strategy.shard_sizes = check_clients(run, strategy.num_partitions, len(nodes))  # bounds each reply's num-examples
     # ---- checks done: from here on the run writes to its folder
     emulator_folder = write_run(run, loaded, spec, similarity)
     if run.checkpoint:
