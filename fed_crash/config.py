@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +54,19 @@ def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argp
 class DataConfig:
     data: str = opt(DEFAULT_HUB_DATASET, "Alpaca-format instruction data: a local .json/.jsonl file or a hub dataset name")
     template: str = opt("alpaca", "prompt template: 'alpaca' or the model's 'chat' template", choices=("alpaca", "chat"))
-    max_length: int = opt(256, "truncate each example to this many tokens")
+    max_length: int = opt(256, "truncate each example to this many tokens", min=8)
     skip_malformed: bool = opt(False, "skip and count malformed rows instead of failing on the first one")
-    seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices (in federated runs also of the node sampling and the server's random generators)")
+    seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices (in federated runs also of the node sampling and the server's random generators)", min=0)
 
 
 @dataclass
 class SpecOptions:
     """What every layer-selection method takes: the adapters, the budget, what fills removed positions."""
 
-    bottom: int = opt(2, "adapter layers at the bottom (trained by data owners)")
-    top: int = opt(2, "adapter layers at the top (trained by data owners)")
-    keep: int = opt(0, "middle layers to keep; 0 means use --keep-ratio")
-    keep_ratio: float = opt(0.4, "fraction of the middle span to keep when --keep is 0 (0.4: 10 of 26 for a 30-layer model)")
+    bottom: int = opt(2, "adapter layers at the bottom (trained by data owners)", min=0)
+    top: int = opt(2, "adapter layers at the top (trained by data owners)", min=0)
+    keep: int = opt(0, "middle layers to keep; 0 means use --keep-ratio", min=0)
+    keep_ratio: float = opt(0.4, "fraction of the middle span to keep when --keep is 0 (0.4: 10 of 26 for a 30-layer model)", min=0.0, max=1.0)
     share: bool = opt(True, "fill removed positions with the nearest kept layer (tied), keeping full depth")
     edge_fill: str = opt("nearest", "fill removed positions next to an adapter with the 'nearest' kept layer or a frozen copy of the 'adapter'", choices=("nearest", "adapter"))
 
@@ -74,11 +75,11 @@ class SpecOptions:
 class CrashOptions:
     """CRaSh's options: CKA of the layers' pooled states on calibration rows."""
 
-    calib_samples: int = opt(512, "calibration samples for CRaSh's CKA (formatted like training data)")
+    calib_samples: int = opt(512, "calibration samples for CRaSh's CKA (formatted like training data)", min=1)
     pooling: str = opt("mean", "how a layer's token states become one vector per sample", choices=("mean", "last", "weighted"))
-    skip_first: int = opt(1, "leave the first N tokens out of CKA pooling (1, the default, removes the attention-sink token; 0 is CRaSh as published)")
-    outlier_norm: float = opt(0.0, "also leave out of CKA pooling any position whose state norm exceeds this multiple of the sample's median (0 = off)")
-    calib_batch_size: int = opt(8, "batch size of the calibration forward passes")
+    skip_first: int = opt(1, "leave the first N tokens out of CKA pooling (1, the default, removes the attention-sink token; 0 is CRaSh as published)", min=0)
+    outlier_norm: float = opt(0.0, "also leave out of CKA pooling any position whose state norm exceeds this multiple of the sample's median (0 = off)", min=0.0)
+    calib_batch_size: int = opt(8, "batch size of the calibration forward passes", min=1)
 
 
 @dataclass
@@ -86,8 +87,8 @@ class SearchOptions:
     """Search's options: the divergence it lowers, on how many rows, for how long."""
 
     divergence: str = opt("kl", "search: what it minimises on the calibration responses, KL(full || emulator) of next-token distributions or normalised 'mse' of the last hidden state", choices=("kl", "mse"))
-    search_samples: int = opt(32, "search: calibration samples (the first of calib-samples) the divergence is measured on")
-    search_evaluations: int = opt(150, "search: cap on divergence evaluations (each runs the emulator over search-samples from the first changed layer)")
+    search_samples: int = opt(32, "search: calibration samples (the first of calib-samples) the divergence is measured on", min=1)
+    search_evaluations: int = opt(150, "search: cap on divergence evaluations (each runs the emulator over search-samples from the first changed layer)", min=1)
 
 
 @dataclass
@@ -101,34 +102,34 @@ class EmulatorConfig(SearchOptions, CrashOptions, SpecOptions):
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(200, "optimizer steps; 0 means --epochs passes over the training data")
-    epochs: float = opt(1.0, "passes over the training data when --steps is 0")
-    batch_size: int = opt(4, "training batch size")
-    lr: float = opt(1e-4, "peak AdamW learning rate (cosine schedule)")
-    warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this value (0: off)")
-    lora_rank: int = opt(0, "LoRA rank on the adapter layers through peft (0: train the adapters fully)")
-    lora_alpha: int = opt(16, "LoRA alpha")
-    seed: int = opt(0, "seed of the batch order and any dropout")
+    steps: int = opt(200, "optimizer steps; 0 means --epochs passes over the training data", min=0)
+    epochs: float = opt(1.0, "passes over the training data when --steps is 0", min=0.0)
+    batch_size: int = opt(4, "training batch size", min=1)
+    lr: float = opt(1e-4, "peak AdamW learning rate (cosine schedule)", min=0.0)
+    warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up", min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = opt(1.0, "clip the gradient norm to this value (0: off)", min=0.0)
+    lora_rank: int = opt(0, "LoRA rank on the adapter layers through peft (0: train the adapters fully)", min=0)
+    lora_alpha: int = opt(16, "LoRA alpha", min=1)
+    seed: int = opt(0, "seed of the batch order and any dropout", min=0)
 
 
 @dataclass
 class TuneSizes:
-    train_examples: int = opt(2000, "training examples (the data owner's data)")
+    train_examples: int = opt(2000, "training examples (the data owner's data)", min=1)
     eval_examples: int = opt(200, "held-out examples for the four-model report")
-    eval_batch_size: int = opt(8, "batch size of held-out evaluation")
+    eval_batch_size: int = opt(8, "batch size of held-out evaluation", min=1)
 
 
 @dataclass
 class EvalConfig:
-    limit: int = opt(0, "questions per multiple-choice task (0: all)")
+    limit: int = opt(0, "questions per multiple-choice task (0: all)", min=0)
     first: bool = opt(False, "take the first --limit questions (like lm-eval's --limit) instead of a seeded sample")
     fields: str = opt("", "field mapping for --task files not in the {query, choices, gold} layout: 'query=Q: {q}\\nA:;choices=options;gold=answer;labels=letters'")
-    batch_size: int = opt(32, "continuations (multiple choice) or examples (loss, generation) per forward pass")
-    instruct_examples: int = opt(0, "held-out instructions from --data for loss/perplexity: the first slice of its seeded split, as 'tune' holds out (0: none)")
-    generate: int = opt(0, "answer this many of them greedily, write generations.jsonl next to the references, and score ROUGE-L (0: none)")
-    max_new_tokens: int = opt(64, "longest greedy answer, in tokens")
+    batch_size: int = opt(32, "continuations (multiple choice) or examples (loss, generation) per forward pass", min=1)
+    instruct_examples: int = opt(0, "held-out instructions from --data for loss/perplexity: the first slice of its seeded split, as 'tune' holds out (0: none)", min=0)
+    generate: int = opt(0, "answer this many of them greedily, write generations.jsonl next to the references, and score ROUGE-L (0: none)", min=0)
+    max_new_tokens: int = opt(64, "longest greedy answer, in tokens", min=1)
 
 
 @dataclass
@@ -137,35 +138,35 @@ class FederationConfig:
     cache_dir: str = opt("", "model and CKA-similarity cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     num_server_rounds: int = opt(3, "federated rounds", min=1)
     strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package", choices=STRATEGY_NAMES)
-    proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss")
-    fedbiot_lambda: float = opt(0.0, "FedBiOT-style regulariser (any strategy): clients add lambda * ||adapters - round-start adapters||^2 to their loss (0 = off)")
-    fedbiot_align_steps: int = opt(0, "FedBiOT server alignment: after each round (and before the first) distil the emulator's middle toward the full model's on the server's public rows for this many steps, then resend the emulator (0 = off)")
-    fedbiot_align_lr: float = opt(1e-5, "FedBiOT server alignment: AdamW learning rate of the emulator's middle layers")
-    server_lr: float = opt(1.0, "FedAvgM: server learning rate on the averaged update (1.0 with momentum 0 is plain FedAvg)")
-    server_momentum: float = opt(0.9, "FedAvgM: server momentum")
-    fedopt_eta: float = opt(1e-3, "FedAdam/FedYogi/FedAdagrad: server learning rate; each adapter weight moves about this much per round, so keep it near lr * local steps")
-    fedopt_beta1: float = opt(0.9, "FedAdam/FedYogi: first-moment decay of the server optimizer")
-    fedopt_beta2: float = opt(0.99, "FedAdam/FedYogi: second-moment decay of the server optimizer")
-    fedopt_tau: float = opt(1e-6, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon); must stay well below the size of a round's adapter update")
+    proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss", min=0.0)
+    fedbiot_lambda: float = opt(0.0, "FedBiOT-style regulariser (any strategy): clients add lambda * ||adapters - round-start adapters||^2 to their loss (0 = off)", min=0.0)
+    fedbiot_align_steps: int = opt(0, "FedBiOT server alignment: after each round (and before the first) distil the emulator's middle toward the full model's on the server's public rows for this many steps, then resend the emulator (0 = off)", min=0)
+    fedbiot_align_lr: float = opt(1e-5, "FedBiOT server alignment: AdamW learning rate of the emulator's middle layers", min=0.0)
+    server_lr: float = opt(1.0, "FedAvgM: server learning rate on the averaged update (1.0 with momentum 0 is plain FedAvg)", min=0.0)
+    server_momentum: float = opt(0.9, "FedAvgM: server momentum", min=0.0, max=1.0)
+    fedopt_eta: float = opt(1e-3, "FedAdam/FedYogi/FedAdagrad: server learning rate; each adapter weight moves about this much per round, so keep it near lr * local steps", min=0.0)
+    fedopt_beta1: float = opt(0.9, "FedAdam/FedYogi: first-moment decay of the server optimizer", min=0.0, max=1.0)
+    fedopt_beta2: float = opt(0.99, "FedAdam/FedYogi: second-moment decay of the server optimizer", min=0.0, max=1.0)
+    fedopt_tau: float = opt(1e-6, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon); must stay well below the size of a round's adapter update", min=0.0)
     trimmed_beta: float = opt(0.2, "FedTrimmedAvg: fraction of the lowest and of the highest values cut per weight, in [0, 0.5)")
-    krum_malicious: int = opt(0, "Krum: number of malicious nodes assumed")
-    dp_clipping_norm: float = opt(0.0, "differential privacy: clients clip their adapter update to this L2 norm and the server adds Gaussian noise to the mean (0 = off; fedavg or fedprox only)")
-    dp_noise_multiplier: float = opt(1.0, "differential privacy: noise standard deviation as a multiple of the clipping norm (divided by the sampled clients)")
-    dp_delta: float = opt(1e-5, "differential privacy: the delta at which the spent epsilon is reported each round")
+    krum_malicious: int = opt(0, "Krum: number of malicious nodes assumed", min=0)
+    dp_clipping_norm: float = opt(0.0, "differential privacy: clients clip their adapter update to this L2 norm and the server adds Gaussian noise to the mean (0 = off; fedavg or fedprox only)", min=0.0)
+    dp_noise_multiplier: float = opt(1.0, "differential privacy: noise standard deviation as a multiple of the clipping norm (divided by the sampled clients)", min=0.0)
+    dp_delta: float = opt(1e-5, "differential privacy: the delta at which the spent epsilon is reported each round", min=0.0, max=1.0)
     fraction_train: float = opt(1.0, "fraction of connected nodes sampled for training each round", min=0.0, max=1.0)
     min_train_nodes: int = opt(2, "sample at least this many nodes each round", min=1)
     min_available_nodes: int = opt(2, "wait until this many nodes are connected before the first round starts", min=1)
     round_timeout: float = opt(3600.0, "seconds to wait for replies in a round; a client that has not answered by then counts as timed out", min=1.0)
     partitioner: str = opt("iid", "how client shards are drawn: 'iid', 'dirichlet' or 'pathological'", choices=("iid", "dirichlet", "pathological"))
     partition_by: str = opt("first-word", "derived label for non-IID splits: the instruction's 'first-word' (its verb, top 16 else 'other') or the response 'length' bucket (quartiles)", choices=("first-word", "length"))
-    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed label mix per client)")
-    classes_per_partition: int = opt(2, "labels per client for the pathological partitioner")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed label mix per client)", min=1e-6)
+    classes_per_partition: int = opt(2, "labels per client for the pathological partitioner", min=1)
     max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)", min=0)
     eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss", min=1)
     calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
-    eval_batch_size: int = opt(8, "batch size of server-side evaluation")
+    eval_batch_size: int = opt(8, "batch size of server-side evaluation", min=1)
     mc_task: str = opt("", "multiple-choice task for per-round plug-in accuracy: a {query, choices, gold} JSONL or a hub task name such as 'arc_easy' ('' = off)")
-    mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy")
+    mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy", min=0)
     run_name: str = opt("", "results/<run-name>/ ('' = <method>-<strategy>-<timestamp>)")
     results_dir: str = opt("results", "folder that holds one sub-folder per run")
     save_model: bool = opt(True, "save the final plug-in model (safetensors) in the run folder")
@@ -181,7 +182,7 @@ class FaultConfig:
     failing clients. Which client fails how in which round follows from ``seed`` alone (see
     :mod:`fed_crash.federation.faults`), so a rerun or a resumed run meets the same faults."""
 
-    seed: int = opt(0, "seed of the fault draws (independent of the data and training seeds)")
+    seed: int = opt(0, "seed of the fault draws (independent of the data and training seeds)", min=0)
     crash_rate: float = opt(0.0, "probability that a sampled client raises an error halfway through its local training", min=0.0, max=1.0)
     timeout_rate: float = opt(0.0, "probability that a sampled client stalls for round-timeout + 5 s before training, so its reply comes too late", min=0.0, max=1.0)
     dropout_rate: float = opt(0.0, "probability that a client goes offline at a round; it stays offline for dropout-rounds rounds and is sent nothing meanwhile", min=0.0, max=1.0)
@@ -198,10 +199,10 @@ class ExperimentConfig:
 
     name: str = opt("", "the experiment's name: results go to <results-dir>/<name>/ ('' = the file's stem)")
     results_dir: str = opt("results", "folder that holds one sub-folder per experiment")
-    num_supernodes: int = opt(4, "simulated clients in every cell")
-    cpus_per_client: int = opt(1, "CPU cores Ray reserves per client actor")
-    gpus_per_client: float = opt(0.0, "GPU share per client actor")
-    timeout: float = opt(3600.0, "seconds one cell may take before it is stopped and counted as failed")
+    num_supernodes: int = opt(4, "simulated clients in every cell", min=1)
+    cpus_per_client: int = opt(1, "CPU cores Ray reserves per client actor", min=1)
+    gpus_per_client: float = opt(0.0, "GPU share per client actor", min=0.0)
+    timeout: float = opt(3600.0, "seconds one cell may take before it is stopped and counted as failed", min=1.0)
 
 
 @dataclass
@@ -291,8 +292,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
             parser.add_argument(flag, type=tp, default=f.default, help=help_text, choices=f.metadata.get("choices"))
 
 
-def from_args(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+def from_args(cls: type, args: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> Any:
+    """``cls`` from parsed command-line flags, checked like a run config (types, choices, bounds);
+    ``skip``: fields whose flag means something else in this command (left at their default)."""
+    return from_mapping(cls, {f.name.replace("_", "-"): getattr(args, f.name) for f in dataclasses.fields(cls)
+                              if hasattr(args, f.name) and f.name not in skip}, where="command line")
 
 
 def from_mapping(cls: type, values: Mapping[str, Any], *, where: str = "config") -> Any:
@@ -310,6 +314,8 @@ def from_mapping(cls: type, values: Mapping[str, Any], *, where: str = "config")
             value = float(value)
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: {key!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"{where}: {key!r} must be a finite number, got {value!r}")
         if f.metadata.get("choices") and value not in f.metadata["choices"]:
             raise ConfigError(f"{where}: {key!r} must be one of {list(f.metadata['choices'])}, got {value!r}")
         low, high = f.metadata.get("min"), f.metadata.get("max")

@@ -113,6 +113,16 @@ def test_runner_skips_finished_cells_retries_failed_ones_and_summarises(tmp_path
     summary = (exp.folder / "summary.md").read_text()
     assert "2 of 2 cells finished" in summary and "| fedavg_dir-0.1 | fedavg | dir-0.1 | 1.8000 | 0.250 | 2 (1.8000) |" in summary
 
+    # a cell stopped after a round (its checkpoint is there) resumes instead of starting over
+    (exp.folder / "fedavg_dir-0.1" / "cell.json").unlink()
+    (exp.folder / "fedavg_dir-0.1" / "checkpoint.json").write_text("{}")
+    calls.clear()
+    resumed: list[dict] = []
+    monkeypatch.setattr("fed_crash.tools.launch.flwr_run", lambda run_config, **kw: resumed.append(run_config) or FlowerRun(0, "9", "finished:completed", "", "resumed"))
+    assert run_experiment(exp, flwr_home=tmp_path / "home")["fedavg_dir-0.1"] == "finished:completed"
+    assert [r["resume"] for r in resumed] == [True] and (exp.folder / "fedavg_dir-0.1" / "metrics.jsonl").is_file()
+    assert (exp.folder / "logs" / "fedavg_dir-0.1.log").read_text() == "outputresumed"  # the log goes on
+
     changed = load_experiment(write(tmp_path, GRID.replace('"fedavg", "fedadam"', '"fedavg"').replace("steps = 3", "steps = 4")))
     with pytest.raises(ConfigError, match="cell 'fedavg_iid' finished with another run config"):
         run_experiment(changed, flwr_home=tmp_path / "home")

@@ -331,6 +331,10 @@ BAD_INPUTS = [  # (case, overrides or a function of (files, tmp_path) giving the
     ("more clients than examples", {"num-supernodes": 60}, DataError, "60 clients but only 56 client examples"),
     ("emulator spec does not fit", {"emulator.keep": 99}, SpecError, "cannot keep 99 layers: the middle span has 4 layers"),
     ("emulator keeps the full model", {"emulator.keep": 4}, PrivacyError, "keeps all 4 middle layers: clients would receive the full model"),
+    ("NaN value", {"train.lr": float("nan")}, ConfigError, r"\[train\]: 'lr' must be a finite number, got nan"),
+    ("infinite value", {"round-timeout": float("inf")}, ConfigError, r"'round-timeout' must be a finite number, got inf"),
+    ("batch size 0", {"eval-batch-size": 0}, ConfigError, r"'eval-batch-size' must be >= 1, got 0"),
+    ("max-length below every prompt", {"max-length": 8}, DataError, "max-length 8: the prompt of every one of the 8 examples fills it"),
     ("existing run folder", {"run-name": "r"}, ConfigError, "already exists and is not empty; choose another run-name, or resume=true"),
     ("resume without checkpoint", {"run-name": "nothing", "resume": True}, ConfigError, "checkpoint.json does not exist"),
     ("resume with another config", {"run-name": "r", "resume": True, "train.lr": 0.01}, ConfigError,
@@ -352,6 +356,26 @@ def test_bad_input_fails_before_training_naming_what_is_wrong_and_writes_nothing
         check_run_config(config)  # what flwr_run (fed-crash simulate, experiments) checks first
         serve_local(config, nodes=nodes)
     assert files_under(finished_run.parent) == before
+
+
+def test_a_start_that_fails_late_leaves_no_folder_and_two_starts_cannot_share_one(files, tmp_path):
+    """max-length below every prompt is found when the server tokenizes its evaluation rows,
+    after the run folder was written: the folder goes again, so a retry fails the same way (not
+    with "already exists"). Two starts with one run-name: the second to write is refused."""
+    config = local_config(files, tmp_path / "results", **{"run-name": "late", "max-length": 8})
+    for _ in range(2):
+        with pytest.raises(DataError, match="max-length 8: the prompt of every one"):
+            serve_local(config)
+        assert not (tmp_path / "results" / "late").exists()
+
+    from fed_crash.federation.server import STARTED, open_run, write_run
+
+    run = open_run(parse_run_config(local_config(files, tmp_path / "results", **{"run-name": "twice"})))
+    run.folder.mkdir(parents=True)
+    (run.folder / STARTED).touch()  # another start claimed it after this one checked the folder
+    with pytest.raises(ConfigError, match="was claimed by another start of run-name 'twice' meanwhile"):
+        write_run(run, None, None, None)
+    assert not run.created and list(run.folder.iterdir()) == [run.folder / STARTED]
 
 
 def test_a_checkpoint_of_another_model_or_with_changed_files_is_refused(files, finished_run, tmp_path):

@@ -158,7 +158,8 @@ def tokenize(
     """Prompt + response + EOS, truncated to ``max_length``; loss only on response tokens.
 
     Examples whose prompt alone fills ``max_length`` have no response token left and are
-    dropped (counted in the log), since they would contribute nothing to the loss.
+    dropped (counted in the log), since they would contribute nothing to the loss; when that is
+    every example, :class:`DataError` (a loss over no token would read 0).
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out, dropped = [], 0
@@ -171,6 +172,9 @@ def tokenize(
             dropped += 1
             continue
         out.append(Tokenized(ids, labels))
+    if rows and not out:
+        raise DataError(f"max-length {max_length}: the prompt of every one of the {len(rows)} examples fills it, leaving no response "
+                        "token to train or evaluate on; raise max-length")
     if dropped:
         log.warning("dropped %d of %d examples whose prompt fills max_length=%d", dropped, len(rows), max_length)
     return out

@@ -15,7 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,12 +38,14 @@ from fed_crash.core.train import evaluate
 from fed_crash.errors import FedCrashError
 from fed_crash.evaluation.mc import HUB_TASKS, load_task, score_mc
 from fed_crash.federation import protocol as P
-from fed_crash.federation.checkpoint import Checkpoint, check_resumable, read_checkpoint, resumed_history, seed_everything, set_rng_state, write_checkpoint
+from fed_crash.federation.checkpoint import CHECKPOINT, Checkpoint, check_resumable, read_checkpoint, resumed_history, seed_everything, set_rng_state, write_checkpoint
 from fed_crash.federation.fedbiot import align_emulator
 from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, public_rows_needed, server_and_client_rows
 from fed_crash.selection.plan import calibration_rows, plan_emulator
 
 log = logging.getLogger(__name__)
+
+STARTED = "started.json"  # created exclusively by the start that owns a new run folder (its pid, host, time)
 
 # Metrics that measure the machine rather than the computation (wall-clock times, memory), and
 # Flower's node ids, which it draws at random: what may differ between two runs of the same
@@ -88,6 +94,7 @@ class Run:
     client_pool: list[dict[str, str]]
     mc_rows: list[dict]
     laps: Laps  # started before the data was read
+    created: bool = False  # this start created the folder (write_run): it removes it if it fails before round 1 is saved
 
     @property
     def round_offset(self) -> int:
@@ -201,10 +208,30 @@ def write_run(run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: tor
         log.info("resuming %s after round %d of %d", run.folder, run.checkpoint.round, run.cfg.fed.num_server_rounds)
         return run.checkpoint.emulator
     run.folder.mkdir(parents=True, exist_ok=True)
+    try:  # claimed atomically: of two starts with one run-name, the second fails here, naming the folder
+        with os.fdopen(os.open(run.folder / STARTED, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as claim:
+            json.dump({"pid": os.getpid(), "host": os.uname().nodename, "started": datetime.now().isoformat(timespec="seconds")}, claim)
+    except FileExistsError:
+        raise ConfigError(f"run folder {run.folder} was claimed by another start of run-name {run.cfg.fed.run_name!r} meanwhile") from None
+    run.created = True
     (run.folder / "config.json").write_text(json.dumps({**run.cfg.to_dict(), "data_source": run.source, "model_id": loaded.model_id}, indent=1))
     folder = save_emulator(run.folder / "emulator", loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
     (run.folder / "adapters").mkdir()
     return folder
+
+
+@contextmanager
+def removed_if_it_fails_to_start(run: Run) -> Iterator[None]:
+    """A new run that fails before its first round is saved (a value found bad late, out of
+    memory, a killed client pool) removes the folder it created, so the same run-name can be
+    started again; once a checkpoint exists the folder stays, for ``resume=true``."""
+    try:
+        yield
+    except BaseException:
+        if run.created and not (run.folder / CHECKPOINT).exists():
+            shutil.rmtree(run.folder, ignore_errors=True)
+            log.error("the run failed before its first round was saved: removed %s, so it can be started again", run.folder)
+        raise
 
 
 def initial_adapters(run: Run, model, spec: EmulatorSpec) -> ArrayRecord:

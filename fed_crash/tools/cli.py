@@ -300,7 +300,7 @@ def cmd_emulator_compare(args: argparse.Namespace) -> None:
     from fed_crash.evaluation.compare import compare_emulators, markdown
 
     train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
-    emu = C.from_args(C.EmulatorConfig, args)
+    emu = C.from_args(C.EmulatorConfig, args, skip=("share",))  # --share lists the settings to compare
     rows = compare_emulators(
         args.model, C.from_args(C.DataConfig, args), emu, train, budgets=args.budgets, methods=args.methods,
         shares=[s == "on" for s in args.share], eval_examples=args.compare_eval_examples, tune_budget=args.tune_budget,

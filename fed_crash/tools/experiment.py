@@ -19,8 +19,8 @@ An experiment file (TOML)::
 The cells are the product of the axes (a variant's overrides win over the base), named by
 their variant names joined with ``_``. Each runs through :func:`fed_crash.tools.launch.flwr_run`, the
 code path of ``fed-crash simulate``, into ``<results-dir>/<name>/<cell>/``; a cell whose
-``cell.json`` exists has finished and is skipped, so a stopped experiment resumes where it
-was. Every cell's config is checked before the first one runs. At the end ``summary.md``,
+``cell.json`` exists has finished and is skipped, and one that stopped after a round resumes
+from its checkpoint (``resume=true``), so a stopped experiment continues where it was. Every cell's config is checked before the first one runs. At the end ``summary.md``,
 ``loss.png`` and ``accuracy.png`` compare the finished cells.
 """
 
@@ -133,6 +133,7 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
     """Run every unfinished cell, then write the summary. Returns each cell's status. A cell
     that finished with another run config than the file gives it now is an error: skipping it
     would mix two experiments in one summary."""
+    from fed_crash.federation.checkpoint import CHECKPOINT
     from fed_crash.tools.launch import flwr_run, free_port
 
     folder = experiment.folder
@@ -149,13 +150,14 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
             log.info("cell %d/%d %s: finished before, skipped", i, len(experiment.cells), cell.name)
             statuses[cell.name] = "skipped"
             continue
-        if run_dir.exists():  # an attempt that did not finish; its output is in logs/
+        resume = (run_dir / CHECKPOINT).is_file()  # an attempt stopped after a round: continue it
+        if run_dir.exists() and not resume:  # an attempt that stopped before its first round; its output is in logs/
             shutil.rmtree(run_dir)
-        log.info("cell %d/%d %s: running", i, len(experiment.cells), cell.name)
+        log.info("cell %d/%d %s: %s", i, len(experiment.cells), cell.name, "resuming from its checkpoint" if resume else "running")
         node_cache = flwr_home / "nodes" / cell.name  # per cell, removed after it: emulators are large
         start = time.perf_counter()
         result = flwr_run(
-            {**cell.run_config, "run-name": cell.name, "results-dir": str(folder)},
+            {**cell.run_config, "run-name": cell.name, "results-dir": str(folder), **({"resume": True} if resume else {})},
             num_supernodes=experiment.config.num_supernodes, cpus_per_client=experiment.config.cpus_per_client,
             gpus_per_client=experiment.config.gpus_per_client, flwr_home=flwr_home, env={"FED_CRASH_NODE_CACHE": str(node_cache)},
             port_base=free_port(),  # its own SuperLink: never one left answering on the default port by another run
@@ -163,7 +165,8 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
         )
         wall = time.perf_counter() - start
         shutil.rmtree(node_cache, ignore_errors=True)
-        (folder / "logs" / f"{cell.name}.log").write_text(result.output)
+        with (folder / "logs" / f"{cell.name}.log").open("a" if resume else "w") as log_file:
+            log_file.write(result.output)
         statuses[cell.name] = result.status
         if result.ok:
             (run_dir / CELL_FILE).write_text(json.dumps({"status": result.status, "run_id": result.run_id, "wall_seconds": wall,

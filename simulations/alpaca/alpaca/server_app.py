@@ -10,7 +10,8 @@ from flwr.serverapp import Grid, ServerApp
 from fed_crash.core.models import load_model
 from fed_crash.federation.context import run_config
 from fed_crash.federation.faults import FaultPlan
-from fed_crash.federation.server import RoundEvaluator, check_clients, finish, initial_adapters, open_run, plan_or_resume, write_run
+from fed_crash.federation.server import (RoundEvaluator, check_clients, finish, initial_adapters, open_run, plan_or_resume,
+                                         removed_if_it_fails_to_start, write_run)
 from strategies import OffsiteStrategy, make_strategy
 
 app = ServerApp()
@@ -28,18 +29,19 @@ def main(grid: Grid, context: Context) -> None:
                                round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset)
     nodes = strategy.connect(grid)
     strategy.shard_sizes = check_clients(run, strategy.num_partitions, len(nodes))  # bounds each reply's num-examples
-    # ---- checks done: from here on the run writes to its folder
-    emulator_folder = write_run(run, loaded, spec, similarity)
-    if run.checkpoint:
-        strategy.load_state_dict(run.checkpoint.strategy)
-    evaluate_fn = RoundEvaluator(run, loaded, spec, similarity, emulator_folder, strategy)
-    initial = initial_adapters(run, loaded.model, spec)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.fed.num_server_rounds - run.round_offset,
-        timeout=cfg.fed.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
-    finish(run, loaded, evaluate_fn, result.arrays, initial)
+    # ---- checks done: from here on the run writes to its folder (removed again if it fails before round 1 is saved)
+    with removed_if_it_fails_to_start(run):
+        emulator_folder = write_run(run, loaded, spec, similarity)
+        if run.checkpoint:
+            strategy.load_state_dict(run.checkpoint.strategy)
+        evaluate_fn = RoundEvaluator(run, loaded, spec, similarity, emulator_folder, strategy)
+        initial = initial_adapters(run, loaded.model, spec)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.fed.num_server_rounds - run.round_offset,
+            timeout=cfg.fed.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+        )
+        finish(run, loaded, evaluate_fn, result.arrays, initial)
