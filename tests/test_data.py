@@ -22,7 +22,7 @@ def test_labels_cover_exactly_the_response_and_eos(tokenizer):
 def test_truncation_and_dropping_examples_without_response(tokenizer):
     [ex] = tokenize([ROWS[6]], tokenizer, max_length=140)
     assert len(ex.input_ids) == len(ex.labels) == 140
-    assert len(tokenize([ROWS[6], ROWS[0]], tokenizer, max_length=100)) == 1  # the first one's prompt alone fills it: dropped
+    assert tokenize([ROWS[1], ROWS[6]], tokenizer, max_length=140) == [ex]  # ROWS[1]'s prompt alone fills 140: dropped
     with pytest.raises(DataError, match="max-length 100: the prompt of every one of the 1 examples fills it"):
         tokenize([ROWS[6]], tokenizer, max_length=100)  # nothing left: a loss over no token would read 0
 
