@@ -237,12 +237,16 @@ def test_one_client_sending_scaled_garbage_moves_fedavg_far_and_the_robust_strat
 
 def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp_path):
     """FedAdam (server moments in the checkpoint), partial sampling and injected bad updates:
-    two rounds, then two more with resume=true, equal bitwise to four rounds straight."""
+    two rounds, then two more with resume=true, equal bitwise to four rounds straight. The stop
+    cut the metrics file's last line mid-write: the resume drops it. Then ``fed-crash prune``
+    removes the middle rounds' adapters and the run still resumes for a fifth round."""
     common = {"strategy": "fedadam", "fedopt-eta": 0.003, "fraction-train": 0.5, "min-train-nodes": 2, "min-available-nodes": 4,
               "max-update-norm": 50.0, "faults.bad-update-rate": 0.25, "faults.seed": 1}
     straight = serve_local(local_config(files, tmp_path / "a", **common, **{"num-server-rounds": 4}), nodes=4)
     stopped = serve_local(local_config(files, tmp_path / "b", **common), nodes=4)
     assert json.loads((stopped / CHECKPOINT).read_text())["round"] == 2
+    with (stopped / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 3, "server": {"plugin_lo')  # killed mid-write
     resumed = serve_local(local_config(files, tmp_path / "b", **common, **{"num-server-rounds": 4, "resume": True}), nodes=4,
                           ids=random.Random(5).sample(range(1, 2**40), 4))  # a new run: other node ids
     assert resumed == stopped
@@ -252,6 +256,28 @@ def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp
     assert (resumed / "adapters/round-4.optimizer.safetensors").is_file()
     assert [reproducible(line)["server"] for line in metrics(resumed)] == [reproducible(line)["server"] for line in metrics(straight)]
     assert any(line["failures"] for line in metrics(straight))  # the bad updates happened, and were rejected alike
+
+    from fed_crash.tools.cli import main
+
+    assert main(["prune", str(resumed), "--keep-rounds", "1", "--nodes", str(files / "no-such-cache")]) == 0
+    assert sorted(p.name for p in (resumed / "adapters").iterdir()) == [
+        "final.safetensors", "round-0.safetensors", "round-4.optimizer.safetensors", "round-4.safetensors"]
+    serve_local(local_config(files, tmp_path / "b", **common, **{"num-server-rounds": 5, "resume": True}), nodes=4)
+    assert [line["round"] for line in metrics(resumed)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_prune_empties_node_caches_and_a_broken_middle_metrics_line_is_an_error(tmp_path):
+    from fed_crash.federation.checkpoint import resumed_history
+    from fed_crash.federation.prune import prune_node_caches
+
+    for name in ("node-1/abc", "node-22/def", "keep-me"):
+        (tmp_path / "nodes" / name).mkdir(parents=True)
+    assert [p.name for p in prune_node_caches(tmp_path / "nodes")] == ["node-1", "node-22"]
+    assert [p.name for p in (tmp_path / "nodes").iterdir()] == ["keep-me"] and prune_node_caches(tmp_path / "absent") == []
+    broken = tmp_path / "metrics.jsonl"
+    broken.write_text('{"round": 0}\n{"round": 1, "serv\n{"round": 2}\n')
+    with pytest.raises(ArtifactError, match="metrics.jsonl: line 2 is not JSON"):
+        resumed_history(broken, 1)
 
 
 def test_checkpoint_rng_and_privacy_accounting_survive_a_resume():

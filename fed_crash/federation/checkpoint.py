@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from fed_crash.config import ConfigError, RunConfig
 from fed_crash.core.artifacts import MANIFEST, ArtifactError, load_adapters, read_manifest
 from fed_crash.core.models import state_hash
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
 FORMAT = "fed-crash-checkpoint/2"
@@ -106,9 +109,19 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk: a power cut after this keeps it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, strategy: StrategyState, emulator: Path, elapsed_seconds: float) -> Path:
     """Write the strategy's tensors (when it has any) and then ``checkpoint.json`` for a finished
-    round (see module docstring), atomically."""
+    round (see module docstring), atomically and durably: every file it names is on the disk
+    before it is, and it is renamed into place only once written."""
     optimizer = None
     if strategy.tensors:
         optimizer = adapters.with_name(adapters.name.replace(".safetensors", ".optimizer.safetensors"))
@@ -125,9 +138,14 @@ def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, strategy:
         "rng": rng_state(),
         "elapsed_seconds": elapsed_seconds,
     }
+    for path in (adapters, optimizer):
+        if path:
+            fsync(path)
     tmp = run_dir / (CHECKPOINT + ".tmp")
     tmp.write_text(json.dumps(data))
+    fsync(tmp)
     os.replace(tmp, run_dir / CHECKPOINT)
+    fsync(run_dir)  # the rename itself
     return run_dir / CHECKPOINT
 
 
@@ -180,10 +198,19 @@ def check_resumable(saved: dict, cfg: RunConfig, config_file: Path) -> None:
 
 def resumed_history(metrics_file: Path, server_round: int) -> list[dict]:
     """The metrics lines of rounds up to the checkpoint's; lines of a round that was cut off
-    by the kill (written before its checkpoint was) are dropped from the file."""
-    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
+    by the kill (written before its checkpoint was) are dropped from the file, and so is a last
+    line the kill truncated mid-write. Any other unreadable line is an :class:`ArtifactError`."""
+    raw = [line for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
+    lines = []
+    for i, text in enumerate(raw):
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            if i < len(raw) - 1:
+                raise ArtifactError(f"{metrics_file}: line {i + 1} is not JSON (only a last line cut off by a crash is dropped)") from None
+            log.warning("%s: dropped its last line, cut off mid-write: %r", metrics_file, text[:80])
     kept = [line for line in lines if line["round"] <= server_round]
-    if len(kept) != len(lines):
+    if len(kept) != len(raw):
         tmp = metrics_file.with_name(metrics_file.name + ".tmp")
         tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
         os.replace(tmp, metrics_file)

@@ -146,6 +146,16 @@ def _run_commands(sub) -> None:
     experiment.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for the runs' SuperLinks; node caches live in its nodes/ during a cell (default: .flwr)")
 
 
+    prune = sub.add_parser("prune", help="remove node caches and old round adapters (nothing else does)",
+                           description="Remove the emulators nodes cached and the per-round adapters of finished or stopped runs "
+                                       "(round 0, the last --keep-rounds, the checkpoint's round and final stay, so resume=true still works). "
+                                       "Run it when no federation uses these folders.")
+    prune.add_argument("runs", nargs="*", help="run folders (results/<run-name>) whose round adapters to prune")
+    prune.add_argument("--nodes", action="append", default=[], metavar="DIR",
+                       help="a node cache root to empty of node-* folders, e.g. .flwr/nodes or ~/.cache/fed-crash/nodes (repeatable)")
+    prune.add_argument("--keep-rounds", type=int, default=1, help="latest rounds whose adapters stay (default: 1)")
+
+
 def _toml_assignment(text: str) -> tuple[str, object]:
     """``key=value`` with a TOML value; a bare word is a string."""
     import tomllib
@@ -391,7 +401,20 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'cka.png'}, {out / 'clusters.png'} and {out / 'cka.json'}")
 
 
-COMMANDS = {"tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
+def cmd_prune(args: argparse.Namespace) -> None:
+    from fed_crash.federation.prune import prune_node_caches, prune_rounds
+
+    for root in args.nodes:
+        removed = prune_node_caches(Path(root).expanduser())
+        print(f"{root}: removed {len(removed)} node cache(s)")
+    for run in args.runs:
+        if not (Path(run) / "adapters").is_dir():
+            raise C.ConfigError(f"prune: {run} is not a run folder (no adapters/ in it)")
+        removed = prune_rounds(Path(run), args.keep_rounds)
+        print(f"{run}: removed {len(removed)} round adapter file(s)")
+
+
+COMMANDS = {"prune": cmd_prune, "tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
             "report": cmd_report, "landscape": cmd_landscape, "experiment": cmd_experiment}
 
 
