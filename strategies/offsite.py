@@ -226,7 +226,7 @@ class OffsiteStrategy(Strategy):
         acked = set()
         for reply in grid.send_and_receive(list(requests.values()), timeout=max(self.round_timeout, QUERY_TIMEOUT_S)):
             node = reply.metadata.src_node_id
-            reason = P.error_reason(reply.error.reason) if reply.has_error() else P.check_emulator_ack(reply.content, self.emulator.weights_sha256)
+            reason = P.error_reason(reply.error.reason) if reply.has_error() else P.check_emulator_ack(reply.content, self.emulator.sha256)
             if reason:
                 traffic.fail(self.partitions[node], node, "error", f"emulator not stored: {reason}")
             else:
@@ -247,7 +247,7 @@ class OffsiteStrategy(Strategy):
             traffic.fail(pid, node, "excluded", self.excluded[node])
         self._unreported.clear()
         self.sent_arrays = arrays
-        config = ConfigRecord({**config, **P.train_config(self.emulator.weights_sha256 if self.emulator else "")})
+        config = ConfigRecord({**config, **P.train_config(self.emulator.sha256 if self.emulator else "")})
         ready = []
         sampled = self._sample(server_round, arrays, config, grid)
         self.clipping = any(P.CLIPPING_NORM in m.content[P.CONFIG] for m in sampled)

@@ -468,12 +468,38 @@ def test_a_tampered_emulator_is_refused_on_arrival_and_nothing_is_stored(tmp_pat
     weights = load_file(folder / "emulator.safetensors")
     weights["model.layers.3.mlp.up_proj.weight"] = weights["model.layers.3.mlp.up_proj.weight"] + 1e-3
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".safetensors"}
-    payload = P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), json.loads(files["emulator.json"])["weights_sha256"])
+    payload = P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), P.payload_sha256(weights, files))
     grid = LocalGrid(1)
     [reply] = grid.send_and_receive([payload.request(1)])
     assert reply.has_error() and re.search("ProtocolError: the emulator received does not match its manifest's weights_sha256 .*nothing was stored",
                                            P.error_reason(reply.error.reason))
     assert not (tmp_path / "nodes").exists()
+
+
+def test_a_node_keys_its_cache_by_everything_it_received_within_bounds(tmp_path, tokenizer, monkeypatch):
+    """The same weights with another tokenizer file is another emulator: the node stores it apart
+    and acknowledges the hash of all it received, which the server compares with its own. Too
+    many or too large files are refused. The manifest that travels holds no server path."""
+    from fed_crash.federation.server import emulator_payload
+
+    monkeypatch.setenv("FED_CRASH_NODE_CACHE", str(tmp_path / "nodes"))
+    model, spec = tiny_llama(), EmulatorSpec(8, 2, 2, kept=(3, 5))
+    folder = save_emulator(tmp_path / "emulator", model, tokenizer, spec, source_id=str(tmp_path / "secret-models" / "owner-llm"))
+    first = emulator_payload(folder, model, spec)
+    assert json.loads(first.files["emulator.json"])["source"]["model_id"] == "owner-llm"
+    assert str(tmp_path) not in "".join(bytes(v).decode(errors="ignore") for v in first.files.values())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**json.loads((folder / "tokenizer_config.json").read_text()), "model_max_length": 7}))
+    second = emulator_payload(folder, model, spec)
+    assert first.sha256 != second.sha256
+    grid = LocalGrid(1)
+    acks = [grid.send_and_receive([payload.request(1)])[0] for payload in (first, second)]
+    assert [P.check_emulator_ack(a.content, p.sha256) for a, p in zip(acks, (first, second))] == [None, None]
+    assert sorted(p.name for p in (tmp_path / "nodes" / "node-1").iterdir()) == sorted([first.sha256[:32], second.sha256[:32]])
+
+    for files, message in [({**dict(first.files), **{f"extra-{i}.json": b"{}" for i in range(P.MAX_PAYLOAD_FILES)}}, "files, at most 32"),
+                           ({**dict(first.files), "vocab.txt": b"x" * (P.MAX_PAYLOAD_FILE_BYTES + 1)}, "'vocab.txt' must be bytes of at most 64 MiB")]:
+        with pytest.raises(P.ProtocolError, match=message):
+            P.read_emulator_request(P.EmulatorPayload(first.weights, ConfigRecord(files), "").request(1).content)
 
 
 def test_no_pickle_anywhere_and_torch_loads_only_weights():

@@ -132,7 +132,7 @@ def test_fedprox_sends_mu_and_the_term_adds_mu_times_the_drift_to_the_gradient()
 def _clip_through_the_mod(start: dict, trained: dict, clipping_norm: float | None) -> dict:
     """A train message through the app's DP mod (Flower's fixedclipping_mod when the config asks
     for clipping), the handler replying with ``trained``; the adapters that leave the node."""
-    config = {P.SERVER_ROUND: 1, P.WEIGHTS_SHA256: "0" * 64, **({P.CLIPPING_NORM: clipping_norm} if clipping_norm is not None else {})}
+    config = {P.SERVER_ROUND: 1, P.EMULATOR_SHA256: "0" * 64, **({P.CLIPPING_NORM: clipping_norm} if clipping_norm is not None else {})}
     message = Message(RecordDict({P.ARRAYS: ArrayRecord(start), P.CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=P.TRAIN)
     out = dp_clipping_mod(message, None, lambda msg, ctx: P.train_reply(msg, trained, {P.NUM_EXAMPLES: 1}))
     assert not out.has_error(), out.error

@@ -48,8 +48,9 @@ def node_cache_dir(context: Context) -> Path:
     return root / f"node-{context.node_id}"
 
 
-def emulator_folder(context: Context, weights_sha256: str) -> Path:
-    return node_cache_dir(context) / weights_sha256[:16]
+def emulator_folder(context: Context, emulator_sha256: str) -> Path:
+    """The cached emulator whose content hash (:func:`protocol.payload_sha256`) this is."""
+    return node_cache_dir(context) / emulator_sha256[:32]
 
 
 def answer_partition(msg: Message, context: Context) -> Message:
@@ -59,9 +60,10 @@ def answer_partition(msg: Message, context: Context) -> Message:
 
 def receive_emulator(msg: Message, context: Context) -> Message:
     """Check the emulator request (:func:`protocol.read_emulator_request`: nothing is written
-    unless it passes), store it in the node's cache unless it is there, acknowledge its hash."""
-    weights, files, manifest = P.read_emulator_request(msg.content)
-    folder = emulator_folder(context, manifest["weights_sha256"])
+    unless it passes), store it in the node's cache, keyed by the hash of all it holds, unless it
+    is there; acknowledge that hash (the server compares it with its own)."""
+    weights, files, _, sha256 = P.read_emulator_request(msg.content)
+    folder = emulator_folder(context, sha256)
     if not (folder / WEIGHTS).is_file():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,7 @@ def receive_emulator(msg: Message, context: Context) -> Message:
             (tmp / name).write_bytes(blob)
         save_tensors(tmp / WEIGHTS, weights)
         tmp.replace(folder)  # atomic: a concurrent worker of the same node sees all or nothing
-    return P.emulator_ack(msg, manifest["weights_sha256"])
+    return P.emulator_ack(msg, sha256)
 
 
 def _shard(cfg: RunConfig, context: Context, tokenizer) -> list[Tokenized]:
@@ -94,9 +96,9 @@ def train(msg: Message, context: Context) -> Message:
     if not cfg.fed.progress:  # keep the run's console to one line per round
         logging.getLogger("fed_crash.core.train").setLevel(logging.WARNING)
     request = P.read_train_request(msg.content)
-    folder = emulator_folder(context, request.weights_sha256)
+    folder = emulator_folder(context, request.emulator_sha256)
     if not (folder / WEIGHTS).is_file():
-        log.warning("node %d lacks emulator %s (its cache was cleared?): asking for it again", context.node_id, request.weights_sha256[:16])
+        log.warning("node %d lacks emulator %s (its cache was cleared?): asking for it again", context.node_id, request.emulator_sha256[:16])
         return P.emulator_missing_reply(msg, request.adapters)
     clock = time.perf_counter()
     if str(folder) not in _EMULATORS:

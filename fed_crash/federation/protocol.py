@@ -8,9 +8,10 @@ Three exchanges, each a request from the server and one reply per node:
   clients by partition, not by the node ids Flower draws at random.
 * **emulator** (``train.emulator``): the emulator's tensors and small files (manifest, model
   config, tokenizer), sent before a node's first training round and again whenever it reports
-  that it lacks them; the node checks and stores them, and acknowledges with their content hash.
+  that it lacks them; the node checks and stores them, and acknowledges with their content hash
+  (:func:`payload_sha256`, of the tensors and every file).
 * **train** (``train``): exactly Flower's shape, one ArrayRecord (the adapters) and one
-  ConfigRecord (the round, the emulator's hash, and whatever the strategy adds: FedProx's
+  ConfigRecord (the round, the emulator's content hash, and whatever the strategy adds: FedProx's
   ``proximal-mu``, the DP wrapper's ``clipping_norm``), so Flower's client-side clipping mod and
   DP wrappers apply unchanged. The reply holds the trained adapters (or, under LoRA, the
   update's factors) and one MetricRecord; a node whose cache lost the emulator replies with the
@@ -21,6 +22,7 @@ The server never trusts a reply: :func:`check_train_reply` decides what may reac
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -45,12 +47,12 @@ METRICS = "metrics"
 CLIENT = "client"  # partition reply: ConfigRecord {PARTITION_ID, NUM_PARTITIONS}
 EMULATOR_WEIGHTS = "emulator"  # emulator request: ArrayRecord of the emulator's tensors
 EMULATOR_FILES = "emulator-files"  # emulator request: ConfigRecord file name -> bytes
-EMULATOR_ACK = "emulator-ack"  # emulator reply: ConfigRecord {WEIGHTS_SHA256}
+EMULATOR_ACK = "emulator-ack"  # emulator reply: ConfigRecord {EMULATOR_SHA256}
 
 # ---- node config and ConfigRecord keys
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-WEIGHTS_SHA256 = "weights-sha256"  # the emulator's content hash (manifest's weights_sha256)
+EMULATOR_SHA256 = "emulator-sha256"  # content hash of everything an emulator request holds (:func:`payload_sha256`)
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 CLIPPING_NORM = KEY_CLIPPING_NORM  # set by Flower's DP wrapper, read by its fixedclipping_mod
@@ -175,26 +177,48 @@ def read_partition_reply(content: RecordDict) -> tuple[int, int]:
 # --------------------------------------------------------------------------- emulator
 
 
+MAX_PAYLOAD_FILES = 32  # an emulator request's small files (manifest, config, tokenizer) ...
+MAX_PAYLOAD_FILE_BYTES = 64 * 2**20  # ... each at most this large (Gemma-3's tokenizer.json is 33 MB)
+
+
+def payload_sha256(weights: dict, files: dict[str, bytes]) -> str:
+    """Content hash of an emulator request: the tensors' :func:`state_hash` and every file's
+    name and bytes. Nodes key their cache by it, so a changed manifest or tokenizer is a new
+    emulator even when the weights are the same."""
+    digest = hashlib.sha256(state_hash(weights).encode())
+    for name in sorted(files):
+        digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(files[name]).hexdigest().encode())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class EmulatorPayload:
     """What a node needs once: the emulator's tensors and small files (already checked by
-    :func:`fed_crash.core.artifacts.check_private` on the server)."""
+    :func:`fed_crash.core.artifacts.check_private` on the server), and their :func:`payload_sha256`."""
 
     weights: ArrayRecord
     files: ConfigRecord
-    weights_sha256: str
+    sha256: str
 
     def request(self, node: int) -> Message:
         return Message(RecordDict({EMULATOR_WEIGHTS: self.weights, EMULATOR_FILES: self.files}), dst_node_id=node, message_type=EMULATOR)
 
 
-def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], dict]:
-    """``(tensors, files, manifest)`` of an emulator request, after checking that every file
-    is a plain data file (no path, no checkpoint), the manifest's format, and that the tensors'
+def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], dict, str]:
+    """``(tensors, files, manifest, payload sha256)`` of an emulator request, after checking that
+    there are at most :data:`MAX_PAYLOAD_FILES` files of at most :data:`MAX_PAYLOAD_FILE_BYTES`,
+    each a plain data file (no path, no checkpoint), the manifest's format, and that the tensors'
     content hash is the manifest's ``weights_sha256`` (nothing corrupted or replaced in transit)."""
     if set(content) != {EMULATOR_WEIGHTS, EMULATOR_FILES}:
         raise ProtocolError(f"emulator request: expected records {[EMULATOR_WEIGHTS, EMULATOR_FILES]}, got {sorted(content)}")
-    files = {name: bytes(blob) for name, blob in content[EMULATOR_FILES].items()}
+    blobs = content[EMULATOR_FILES]
+    if len(blobs) > MAX_PAYLOAD_FILES:
+        raise ProtocolError(f"emulator request: {len(blobs)} files, at most {MAX_PAYLOAD_FILES} travel with an emulator")
+    files = {}
+    for name, blob in blobs.items():
+        if not isinstance(blob, bytes) or len(blob) > MAX_PAYLOAD_FILE_BYTES:
+            raise ProtocolError(f"emulator request: file {name!r} must be bytes of at most {MAX_PAYLOAD_FILE_BYTES // 2**20} MiB")
+        files[name] = blob
     check_payload_files(files)
     if MANIFEST not in files:
         raise ProtocolError(f"emulator request: no {MANIFEST} among the files {sorted(files)}")
@@ -203,16 +227,16 @@ def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], 
     if state_hash(weights) != manifest["weights_sha256"]:
         raise ProtocolError(f"the emulator received does not match its manifest's weights_sha256 {manifest['weights_sha256'][:16]} "
                             "(corrupted or replaced in transit); nothing was stored")
-    return weights, files, manifest
+    return weights, files, manifest, payload_sha256(weights, files)
 
 
-def emulator_ack(msg: Message, weights_sha256: str) -> Message:
-    return Message(RecordDict({EMULATOR_ACK: ConfigRecord({WEIGHTS_SHA256: weights_sha256})}), reply_to=msg)
+def emulator_ack(msg: Message, sha256: str) -> Message:
+    return Message(RecordDict({EMULATOR_ACK: ConfigRecord({EMULATOR_SHA256: sha256})}), reply_to=msg)
 
 
 def check_emulator_ack(content: RecordDict, expected_sha256: str) -> str | None:
-    """``None`` when the node stored the emulator that was sent, else the reason."""
-    got = content.config_records.get(EMULATOR_ACK, {}).get(WEIGHTS_SHA256)
+    """``None`` when the node stored exactly what was sent (its hash of what it received), else the reason."""
+    got = content.config_records.get(EMULATOR_ACK, {}).get(EMULATOR_SHA256)
     return None if got == expected_sha256 else f"emulator acknowledgement names {str(got)[:16]!r}, expected {expected_sha256[:16]!r}"
 
 
@@ -225,24 +249,24 @@ class TrainRequest:
 
     adapters: dict
     server_round: int
-    weights_sha256: str
+    emulator_sha256: str
     proximal_mu: float
     clipping_norm: float | None  # DP on: Flower's fixedclipping_mod clips the reply to it
 
 
-def train_config(weights_sha256: str) -> dict:
-    """What the server adds to every round's train config."""
-    return {WEIGHTS_SHA256: weights_sha256}
+def train_config(emulator_sha256: str) -> dict:
+    """What the server adds to every round's train config: which emulator to train on."""
+    return {EMULATOR_SHA256: emulator_sha256}
 
 
 def read_train_request(content: RecordDict) -> TrainRequest:
     if list(content.array_records) != [ARRAYS] or list(content.config_records) != [CONFIG]:
         raise ProtocolError(f"train message: expected ArrayRecord {ARRAYS!r} and ConfigRecord {CONFIG!r}, got records {sorted(content)}")
     config = content[CONFIG]
-    if not isinstance(config.get(SERVER_ROUND), int) or not isinstance(config.get(WEIGHTS_SHA256), str):
-        raise ProtocolError(f"train message: config needs integer {SERVER_ROUND!r} and string {WEIGHTS_SHA256!r}, got {dict(config)}")
+    if not isinstance(config.get(SERVER_ROUND), int) or not isinstance(config.get(EMULATOR_SHA256), str):
+        raise ProtocolError(f"train message: config needs integer {SERVER_ROUND!r} and string {EMULATOR_SHA256!r}, got {dict(config)}")
     norm = config.get(CLIPPING_NORM)
-    return TrainRequest(content[ARRAYS].to_torch_state_dict(), int(config[SERVER_ROUND]), str(config[WEIGHTS_SHA256]),
+    return TrainRequest(content[ARRAYS].to_torch_state_dict(), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]),
                         float(config.get(PROXIMAL_MU, 0.0)), float(norm) if norm is not None else None)
 
 

@@ -194,11 +194,17 @@ def robust_sample_problem(fed: FederationConfig, nodes: int) -> str | None:
 
 def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPayload:
     """The emulator message's content, checked by :func:`fed_crash.core.artifacts.check_private`
-    before it may leave the server (no removed layer, no adapter, no checkpoint file)."""
+    before it may leave the server (no removed layer, no adapter, no checkpoint file). The
+    manifest that travels names the source model without the server's filesystem path."""
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.suffix != ".safetensors"}
+    manifest = json.loads(files[MANIFEST])
+    source = manifest["source"]["model_id"]
+    if Path(source).expanduser().is_absolute() or source.startswith("."):  # a path on the server, not a hub name
+        manifest["source"]["model_id"] = Path(source).name
+    files[MANIFEST] = json.dumps(manifest, indent=1).encode()
     weights = load_file(str(folder / WEIGHTS))
     check_private(weights, files, model, spec)
-    return P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), json.loads(files[MANIFEST])["weights_sha256"])
+    return P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), P.payload_sha256(weights, files))
 
 
 def write_run(run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: torch.Tensor | None) -> Path:
