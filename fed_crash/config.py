@@ -191,6 +191,13 @@ class FaultConfig:
     bad_update: str = opt("garbage", "what a bad update is: 'garbage' (round-start adapters + bad-update-scale * Gaussian noise), 'nan', 'inf', 'shape', 'dtype', 'missing-key' or 'extra-key'",
                           choices=("garbage", "nan", "inf", "shape", "dtype", "missing-key", "extra-key"))
     bad_update_scale: float = opt(100.0, "standard deviation of the 'garbage' noise", min=0.0)
+    attack: str = opt("", "a malicious client (partition 'attacker') in every round, as its owner could program it: 'weight-huge' "
+                          "(num-examples 1e300), 'weight-tiny' (unit-weight 1e-9 under DP), 'skip-clipping' (under DP), 'extra-metric' "
+                          "(a 'partition' metric), 'missing-metric' (no train-loss), 'list-metric' (train-loss a list), 'claim-partition' "
+                          "(says it holds partition attacker + 1), 'num-partitions' (says there are 5 more partitions); '' = none",
+                      choices=("", "weight-huge", "weight-tiny", "skip-clipping", "extra-metric", "missing-metric", "list-metric",
+                               "claim-partition", "num-partitions"))
+    attacker: int = opt(0, "partition id of the malicious client of 'attack'", min=0)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from fed_crash.core.models import resolve_device
 from fed_crash.core.train import proximal_term, train_adapters
 from fed_crash.federation import protocol as P
 from fed_crash.federation.context import run_config
-from fed_crash.federation.faults import FaultPlan, corrupt_update, crash_midway, stall
+from fed_crash.federation.faults import FaultPlan, attack_metrics, attack_partition, attacking, corrupt_update, crash_midway, stall
 from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, server_and_client_rows
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ def emulator_folder(context: Context, emulator_sha256: str) -> Path:
 
 
 def answer_partition(msg: Message, context: Context) -> Message:
-    """The partition this node holds, from its node config."""
-    return P.partition_reply(msg, context.node_config)
+    """The partition this node holds, from its node config (or what an injected attacker claims)."""
+    pid, num = int(context.node_config[P.PARTITION_ID]), int(context.node_config[P.NUM_PARTITIONS])
+    return P.partition_reply(msg, *attack_partition(run_config(context).faults, pid, num))
 
 
 def receive_emulator(msg: Message, context: Context) -> Message:
@@ -135,13 +136,14 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "bad-update":
         trained = corrupt_update(cfg.faults.bad_update, trained, request.adapters, scale=cfg.faults.bad_update_scale,
                                  seed=plan.seed_for(pid, request.server_round))
-    return P.train_reply(msg, trained, metrics)
+    return P.train_reply(msg, trained, attack_metrics(cfg.faults, pid, metrics))
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``fixedclipping_mod``, unchanged, on the train messages that ask for clipping
     (the DP wrapper puts ``clipping_norm`` in the train config); the mod itself refuses a message
     without it, and a run without DP sends none."""
-    if P.CLIPPING_NORM in msg.content.config_records.get(P.CONFIG, {}):
+    skip = attacking(run_config(context).faults, int(context.node_config.get(P.PARTITION_ID, -1)), "skip-clipping") if context else False
+    if P.CLIPPING_NORM in msg.content.config_records.get(P.CONFIG, {}) and not skip:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)

@@ -13,6 +13,11 @@ Run config section ``faults.*`` (:class:`fed_crash.config.FaultConfig`) gives a 
   the server's validation rejects (or, for ``garbage`` without an update-norm bound, a robust
   strategy has to absorb).
 
+``attack`` makes one client (partition ``attacker``) malicious in every round, in one of the ways
+its owner could program it (:func:`attack_metrics`, :func:`attack_partition`): a weight it
+chooses, metrics that would crash or mislead the server, a skipped DP clipping, a claim to
+another partition. ``scripts/reliability.py`` tries each against real runs.
+
 Whether a fault hits is a pure function of ``(faults.seed, kind, partition id, round)``
 (:meth:`FaultPlan.draw`), so the server and every client agree without talking, a resumed run
 meets the same faults as an uninterrupted one, and tests can predict them. At most one fault
@@ -150,3 +155,36 @@ def corrupt_update(kind: str, trained: dict[str, torch.Tensor], start: dict[str,
     else:
         raise FedCrashError(f"faults.bad-update: unknown kind {kind!r}")
     return out
+
+
+def attacking(cfg: FaultConfig, partition: int, *attacks: str) -> bool:
+    """Whether this partition is the configured attacker and runs one of ``attacks``."""
+    return cfg.attack in attacks and partition == cfg.attacker
+
+
+def attack_metrics(cfg: FaultConfig, partition: int, metrics: dict) -> dict:
+    """The train reply's metrics as the attacker sends them (unchanged for everyone else)."""
+    if not attacking(cfg, partition, "weight-huge", "weight-tiny", "extra-metric", "missing-metric", "list-metric"):
+        return metrics
+    log.warning("attack %s by partition %d", cfg.attack, partition)
+    changed = dict(metrics)
+    if cfg.attack == "weight-huge":
+        changed["num-examples"] = 1e300
+    elif cfg.attack == "weight-tiny":
+        changed["unit-weight"] = 1e-9
+    elif cfg.attack == "extra-metric":
+        changed["partition"] = partition + 1
+    elif cfg.attack == "missing-metric":
+        del changed["train-loss"]
+    else:
+        changed["train-loss"] = [1.0, 2.0]
+    return changed
+
+
+def attack_partition(cfg: FaultConfig, partition: int, num_partitions: int) -> tuple[int, int]:
+    """The (partition id, partitions) the attacker claims to hold (the truth for everyone else)."""
+    if attacking(cfg, partition, "claim-partition"):
+        return (partition + 1) % num_partitions, num_partitions
+    if attacking(cfg, partition, "num-partitions"):
+        return partition, num_partitions + 5
+    return partition, num_partitions

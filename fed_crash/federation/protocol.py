@@ -160,8 +160,8 @@ def partition_request(node: int) -> Message:
     return Message(RecordDict(), dst_node_id=node, message_type=PARTITION)
 
 
-def partition_reply(msg: Message, node_config) -> Message:
-    record = ConfigRecord({PARTITION_ID: int(node_config[PARTITION_ID]), NUM_PARTITIONS: int(node_config[NUM_PARTITIONS])})
+def partition_reply(msg: Message, partition_id: int, num_partitions: int) -> Message:
+    record = ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({CLIENT: record}), reply_to=msg)
 
 
