@@ -157,6 +157,7 @@ class FederationConfig:
     min_train_nodes: int = opt(2, "sample at least this many nodes each round", min=1)
     min_available_nodes: int = opt(2, "wait until this many nodes are connected before the first round starts", min=1)
     round_timeout: float = opt(3600.0, "seconds to wait for replies in a round; a client that has not answered by then counts as timed out", min=1.0)
+    node_timeout: float = opt(600.0, "seconds the server waits for enough admitted nodes (min-available-nodes, min-train-nodes) at the start and before each round; then the run fails naming the numbers (resume=true continues it)", min=1.0)
     partitioner: str = opt("iid", "how client shards are drawn: 'iid', 'dirichlet' or 'pathological'", choices=("iid", "dirichlet", "pathological"))
     partition_by: str = opt("first-word", "derived label for non-IID splits: the instruction's 'first-word' (its verb, top 16 else 'other') or the response 'length' bucket (quartiles)", choices=("first-word", "length"))
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed label mix per client)", min=1e-6)

@@ -242,10 +242,13 @@ ATTACKS = [
     ("4 metrics", "a reply without `train-loss`", {"faults.attack": "missing-metric"}, 3,
      "the server raised InconsistentMessageReplies: the run failed (measured)"),
     ("4 metrics", "a reply whose `train-loss` is a list", {"faults.attack": "list-metric"}, 3, "rejected by name, since #15 (read)"),
-    ("7 identity", "a node claims its neighbour's partition", {"faults.attack": "claim-partition"}, 3,
+    ("7 identity", "a node claims its neighbour's partition (min-available-nodes 1)", {"faults.attack": "claim-partition", "min-available-nodes": 1}, 3,
      "both trained one shard, the attacker's own was never trained (measured)"),
-    ("7 identity", "a node says there are 5 more partitions", {"faults.attack": "num-partitions"}, 3,
+    ("7 identity", "a node says there are 5 more partitions (min-available-nodes 1)", {"faults.attack": "num-partitions", "min-available-nodes": 1}, 3,
      "the server took the largest count: 8 partitions over 3 nodes (measured)"),
+    ("8 hang", "two nodes claim one partition, the run needs all 3 (min-available-nodes 3), node-timeout 10",
+     {"faults.attack": "claim-partition", "node-timeout": 10.0}, 3,
+     "Flower's sampler waited for a third node without end (measured: this run hung until the script's 600 s limit)"),
     ("6 robust", "fedmedian over a sample of 2", {"strategy": "fedmedian"}, 2, "ran: the median of two updates is their mean (read)"),
 ]
 
@@ -268,13 +271,58 @@ def rows_for_attacks(lab: Lab) -> list[list[str]]:
                          f"{'released' if line['aggregated'] else 'no release'}") if norm else "attacker rejected"
                 message = ""
             else:
-                after = (f"{', '.join(f'client {f['partition']} {f['kind']}' for f in failures) or 'nothing rejected'}; "
-                         f"{'aggregated ' + str(len(line['clients'])) + ' client(s)' if line['aggregated'] else 'no release: previous adapters kept'}")
+                outcome = ", ".join(f"client {f['partition']} {f['kind']}" for f in failures) or "nothing rejected"
+                released = f"aggregated {len(line['clients'])} client(s)" if line["aggregated"] else "no release: previous adapters kept"
+                after = f"{outcome}; {released}"
                 message = failures[0]["reason"] if failures else ""
         else:
             after, message = f"refused at start ({result.status})", (ERROR.search(result.output or "") or ["", ""])[0]
         lost = "yes: results/ unchanged" if {k: v for k, v in snapshot(lab.results).items() if k in snap} == snap else "NO"
         rows.append([finding, tried, f"flwr run, {clients} clients", before, after, short(message), lost])
+    return rows + rows_for_careless_use(lab)
+
+
+def rows_for_careless_use(lab: Lab) -> list[list[str]]:
+    """DP accounting of a real run, late and bad inputs, and a resume after a torn metrics line."""
+    from dp_accounting import dp_event, rdp
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    from strategies.dp import epsilon_spent
+
+    rows = []
+    result, run = lab.run("dp", **{"num-server-rounds": 2, "dp-clipping-norm": 1.0, "dp-noise-multiplier": 1.0, "fraction-train": 1.0})
+    reported = metrics(run)[-1]["privacy"]["epsilon"] if result.ok else float("nan")
+    old = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    old.compose(dp_event.SampledWithoutReplacementDpEvent(3, 3, dp_event.GaussianDpEvent(1.0)), 2)  # what 1b4bed6 composed
+    rows.append(["2 epsilon", "a DP run, 3 of 3 clients, sigma 1, 2 rounds, delta 1e-5", "flwr run, 3 clients",
+                 f"reported epsilon {old.get_epsilon(1e-5):.2f} (noise taken as sigma, not sigma/2, times the sensitivity 2C/m)",
+                 f"reported epsilon {reported:.2f} (the bound at sigma/2: {epsilon_spent([(3, 3)] * 2, 1.0, 1e-5):.2f})", "", "yes"])
+
+    snap = snapshot(lab.results)
+    outcomes = []
+    for _ in range(2):
+        result, run = lab.run("late-failure", **{"num-server-rounds": 1, "max-length": 8})
+        outcomes.append(f"{result.status}, folder {'left' if run.exists() else 'removed'}")
+    message = (ERROR.search(result.output) or ["", ""])[0]
+    lost = "yes: results/ unchanged" if snapshot(lab.results) == snap else "NO"
+    rows.append(["12/13 late failure", "max-length 8 (below every prompt), started twice with one run-name", "flwr run x2",
+                 "the evaluation's loss read 0 over no token; a start that failed after writing left a folder that blocked a retry (read)",
+                 "; ".join(outcomes), short(message), lost])
+    try:
+        lab.run("nan", **{"train.lr": float("nan")})
+        after, message = "NOT refused", ""
+    except FedCrashError as err:
+        after, message = "refused by the launcher: flwr run not started", f"{type(err).__name__}: {err}"
+    rows.append(["13 NaN", "train.lr = nan", "flwr run", "accepted (read)", after, short(message),
+                 "yes: results/ unchanged" if snapshot(lab.results) == snap else "NO"])
+
+    result, run = lab.run("torn", **{"num-server-rounds": 1})
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 2, "server": {"plugin_lo')  # a crash mid-write
+    result, run = lab.run("torn", **{"num-server-rounds": 2, "resume": True})
+    rows.append(["14 torn line", "a run's metrics.jsonl ends in a half-written line; resume=true", "flwr run x2",
+                 "the resume failed on the line's JSON (read)", f"resumed: {result.status}, rounds {[l['round'] for l in metrics(run)]}" if result.ok else f"NOT resumed: {result.status}",
+                 "", "yes" if result.ok else "NO"])
     return rows
 
 

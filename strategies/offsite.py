@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_crash.core.emulator import AdapterError
+from fed_crash.errors import FedCrashError
 from fed_crash.federation import protocol as P
 from fed_crash.federation.checkpoint import StrategyState
 from fed_crash.federation.faults import FaultPlan
@@ -130,6 +131,8 @@ class OffsiteStrategy(Strategy):
         *,
         seed: int = 0,
         min_available_nodes: int = 1,
+        min_train_nodes: int = 1,
+        node_timeout: float = 600.0,
         min_replies: int = 1,
         max_update_norm: float = 0.0,
         round_timeout: float = 3600.0,
@@ -140,6 +143,8 @@ class OffsiteStrategy(Strategy):
         self.inner = inner
         self.seed = seed
         self.min_available_nodes = min_available_nodes
+        self.min_train_nodes = min_train_nodes
+        self.node_timeout = node_timeout
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
         self.round_timeout = round_timeout
@@ -172,17 +177,36 @@ class OffsiteStrategy(Strategy):
     def connect(self, grid: Grid) -> dict[int, int]:
         """Wait until at least ``min_available_nodes`` are connected and their number has
         settled (Flower samples before nodes finish connecting), then learn each node's
-        partition. Returns ``{node: partition}``."""
-        seen, stable_since = -1, time.monotonic()
+        partition. Returns ``{node: partition}``; :class:`FedCrashError` after ``node_timeout``."""
+        seen, stable_since, deadline = -1, time.monotonic(), time.monotonic() + self.node_timeout
         while True:
             count = len(list(grid.get_node_ids()))
             if count != seen:
                 seen, stable_since = count, time.monotonic()
             elif count >= self.min_available_nodes and time.monotonic() - stable_since >= self.settle_s:
                 break
+            if time.monotonic() > deadline:
+                raise FedCrashError(f"{count} node(s) connected within node-timeout {self.node_timeout:g}s, the run needs min-available-nodes "
+                                    f"{self.min_available_nodes}: are the SuperNodes running and pointed at this SuperLink?")
             time.sleep(0.1)
         self._learn_partitions(grid)
         return dict(self.partitions)
+
+    def _wait_for_nodes(self, grid: Grid, server_round: int) -> None:
+        """Flower's sampler waits without end while fewer nodes are connected than it needs: wait
+        here instead, at most ``node_timeout``, for enough admitted nodes (late joiners are asked
+        their partition), then fail naming the numbers. The rounds before have their checkpoint."""
+        need = max(self.min_available_nodes, self.min_train_nodes)
+        deadline = time.monotonic() + self.node_timeout
+        while (have := sum(node in self.partitions for node in grid.get_node_ids())) < need:
+            if time.monotonic() > deadline:
+                raise FedCrashError(
+                    f"round {server_round}: {have} admitted node(s) connected, the run needs {need} (min-available-nodes "
+                    f"{self.min_available_nodes}, min-train-nodes {self.min_train_nodes}); waited node-timeout {self.node_timeout:g}s"
+                    + (f"; {len(self.excluded)} node(s) excluded ({next(iter(self.excluded.values()))}, ...)" if self.excluded else "")
+                    + "; resume=true continues after the last finished round")
+            time.sleep(min(1.0, self.node_timeout / 10))
+            self._learn_partitions(grid)
 
     def _learn_partitions(self, grid: Grid) -> None:
         """Ask nodes seen for the first time for their partition (in deployments nodes join late)
@@ -242,6 +266,7 @@ class OffsiteStrategy(Strategy):
             self.connect(grid)
         else:
             self._learn_partitions(grid)
+        self._wait_for_nodes(grid, server_round)
         traffic = self.rounds.setdefault(server_round, RoundTraffic())
         for node, pid in self._unreported.items():
             traffic.fail(pid, node, "excluded", self.excluded[node])

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from fed_crash.federation import protocol as P
 from fed_crash.federation.server import reproducible
 from fed_crash.tools.launch import check_run_config, flwr_run, free_port
 from fed_crash.core.models import ModelError
+from fed_crash.errors import FedCrashError
 from strategies import ClientClippingDP, OffsiteStrategy, StrategyState, make_strategy
 from tests.conftest import ROWS, LocalGrid, simulated_error_reason, tiny_llama, train_metrics, write_run_files
 
@@ -194,6 +196,25 @@ def test_nodes_that_claim_one_partition_or_another_count_are_excluded_and_record
     asked = len(grid.sent)
     assert [m.metadata.dst_node_id for m in strategy.configure_train(2, zeros, ConfigRecord(), grid)] == [grid.nodes[4]]
     assert len(grid.sent) == asked and not strategy.rounds[2].failures  # the excluded are not asked again, nor recorded twice
+
+
+def test_every_wait_for_nodes_is_bounded_and_ends_in_a_message_with_the_numbers():
+    """Flower's sampler waits without end for nodes that are not there: too few connect at the
+    start, or too few are left to admit (here two of three claim one partition). Both end after
+    node-timeout with the numbers, instead of a server that hangs."""
+    zeros = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=2)), min_available_nodes=2,
+                               node_timeout=0.5, settle_s=0)
+    with pytest.raises(FedCrashError, match="1 node\\(s\\) connected within node-timeout 0.5s, the run needs min-available-nodes 2"):
+        strategy.configure_train(1, zeros, ConfigRecord(), LocalGrid(1))
+    grid = LocalGrid(3)
+    grid.contexts[grid.nodes[1]].node_config["partition-id"] = 0
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=3)), min_available_nodes=3,
+                               node_timeout=0.5, settle_s=0)
+    start = time.monotonic()
+    with pytest.raises(FedCrashError, match=r"round 1: 1 admitted node\(s\) connected, the run needs 3 .*2 node\(s\) excluded \(claims partition 0"):
+        strategy.configure_train(1, zeros, ConfigRecord(), grid)
+    assert time.monotonic() - start < 5
 
 
 @pytest.mark.parametrize("overrides, nodes, message", [

@@ -25,6 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     run.laps.mark("model_load")
     spec, similarity = plan_or_resume(run, loaded)
     strategy = OffsiteStrategy(make_strategy(cfg.fed), seed=cfg.data.seed, min_available_nodes=cfg.fed.min_available_nodes,
+                               min_train_nodes=cfg.fed.min_train_nodes, node_timeout=cfg.fed.node_timeout,
                                min_replies=cfg.fed.min_replies, max_update_norm=cfg.fed.max_update_norm,
                                round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset)
     nodes = strategy.connect(grid)
