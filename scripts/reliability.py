@@ -276,7 +276,7 @@ def rows_for_attacks(lab: Lab) -> list[list[str]]:
                 after = f"{outcome}; {released}"
                 message = failures[0]["reason"] if failures else ""
         else:
-            after, message = f"refused at start ({result.status})", (ERROR.search(result.output or "") or ["", ""])[0]
+            after, message = f"stopped: {result.status}", (ERROR.search(result.output or "") or ["", ""])[0]
         lost = "yes: results/ unchanged" if {k: v for k, v in snapshot(lab.results).items() if k in snap} == snap else "NO"
         rows.append([finding, tried, f"flwr run, {clients} clients", before, after, short(message), lost])
     return rows + rows_for_careless_use(lab)
