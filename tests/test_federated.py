@@ -70,21 +70,29 @@ def test_labels_and_server_slices():
 
 
 @pytest.mark.slow
-def test_deployment_runtime_superlink_and_supernodes_on_loopback(fl_files, tmp_path):
-    """Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes, one
-    round. Each message starts its own ``flwr-clientapp`` process there, so training reads the
-    emulator that an earlier process stored in the node's cache on disk."""
+def test_secure_deployment_with_tls_and_node_authentication_refuses_an_unregistered_supernode(fl_files, tmp_path):
+    """Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes, TLS on
+    every connection and SuperNode authentication (``fed-crash simulate --deployment --secure``),
+    one round. Each message starts its own ``flwr-clientapp`` process there, so training reads
+    the emulator that an earlier process stored in the node's cache on disk. A third SuperNode,
+    whose key nobody registered, is refused and the run trains without it."""
     from fed_crash.tools.launch import local_deployment
 
     config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
               "run-name": "dep", "eval-examples": 8, "max-length": 256, "num-server-rounds": 1, "emulator.keep": 2,
               "emulator.method": "crash", "calib-data": str(fl_files / "rows.jsonl"), "train.steps": 2, "save-model": False}
-    with local_deployment(tmp_path / "flwr", num_supernodes=2, port=free_port(), env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")}) as connection:
-        result = flwr_run(config, flwr_home=tmp_path / "flwr", connection=connection, timeout=600)
+    home = tmp_path / "flwr"
+    with local_deployment(home, num_supernodes=2, port=free_port(), env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")},
+                          secure=True, unregistered=1) as connection:
+        result = flwr_run(config, flwr_home=home, connection=connection, timeout=600)
     assert result.ok, result.output[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "results" / "dep" / "metrics.jsonl").read_text().splitlines()]
     assert [len(line["clients"]) for line in lines] == [0, 2]
     assert json.loads((tmp_path / "results" / "dep" / "emulator/emulator.json").read_text())["spec"]["method"] == "crash"
+    assert 'root-certificates = "' in (home / "config.toml").read_text() and "insecure" not in (home / "config.toml").read_text().split("[superlink.deployment]")[1]
+    logs = home / "deployment-logs"
+    assert "Failed to activate SuperNode" in (logs / "supernode-unregistered-0.log").read_text()
+    assert all("Received successfully" in (logs / f"supernode-{i}.log").read_text() for i in range(2))
 
 
 def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):

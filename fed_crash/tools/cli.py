@@ -136,6 +136,7 @@ def _run_commands(sub) -> None:
     simulate.add_argument("--dashboard", action="store_true", help="start a local Ray head with the dashboard, attach the simulation to it, stop it afterwards")
     simulate.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default: 8265)")
     simulate.add_argument("--deployment", action="store_true", help="use Flower's deployment runtime instead: a SuperLink and --num-supernodes SuperNodes as processes on loopback")
+    simulate.add_argument("--secure", action="store_true", help="with --deployment: TLS on every connection (a CA and certificates created under <flwr-home>/credentials) and SuperNode authentication (only registered node keys may join)")
     simulate.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds (default: 6 h)")
 
     experiment = sub.add_parser("experiment", help="run a grid of federated runs from a TOML file (resumable) and write a comparison summary",
@@ -256,7 +257,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     env: dict[str, str] = {"FED_CRASH_NODE_CACHE": os.environ.get("FED_CRASH_NODE_CACHE", str(home / "nodes"))}
     common = {"app": app, "flwr_home": home, "timeout": args.timeout, "echo": True}
     if args.deployment:
-        with local_deployment(home, num_supernodes=args.num_supernodes, env=env) as connection:
+        with local_deployment(home, num_supernodes=args.num_supernodes, env=env, secure=args.secure) as connection:
             result = flwr_run(args.run_config, connection=connection, **common)
     else:
         head = ray_head(dashboard_port=args.dashboard_port, env=env) if args.dashboard else nullcontext(None)

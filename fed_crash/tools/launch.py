@@ -290,31 +290,103 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> 
             time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a secure loopback deployment needs: a CA, the SuperLink's certificate and key (for
+    127.0.0.1 and localhost), and one EC key pair per SuperNode in OpenSSH format."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    nodes: list[tuple[Path, Path]]  # (private key, public key) per SuperNode
+
+
+def make_credentials(folder: Path, num_nodes: int) -> Credentials:
+    """Create a self-signed CA, a server certificate it signs and ``num_nodes`` SuperNode keys
+    (P-384, as Flower's node authentication expects) with the ``cryptography`` package."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, names: list | None = None):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write_key(path: Path, key, fmt) -> Path:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
+        path.chmod(0o600)
+        return path
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_cert = certificate("fed-crash loopback CA", ca_key, "fed-crash loopback CA", ca_key, ca=True)
+    server_cert = certificate("127.0.0.1", server_key, "fed-crash loopback CA", ca_key, ca=False,
+                              names=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    write_key(folder / "server.key", server_key, serialization.PrivateFormat.PKCS8)
+    nodes = []
+    for i in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = write_key(folder / f"supernode-{i}.key", key, serialization.PrivateFormat.OpenSSH)
+        public = folder / f"supernode-{i}.pub"
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        nodes.append((private, public))
+    return Credentials(folder / "ca.crt", folder / "server.pem", folder / "server.key", nodes)
+
+
 @contextmanager
-def local_deployment(flwr_home: Path, *, num_supernodes: int = 2, port: int = 9092, env: Mapping[str, str] | None = None) -> Iterator[str]:
+def local_deployment(flwr_home: Path, *, num_supernodes: int = 2, port: int = 9092, env: Mapping[str, str] | None = None,
+                     secure: bool = False, unregistered: int = 0) -> Iterator[str]:
     """Flower's deployment runtime on loopback: one SuperLink and ``num_supernodes`` SuperNodes
     as separate processes (each node gets ``partition-id``/``num-partitions``), and a
-    ``deployment`` connection in ``$FLWR_HOME/config.toml``. Yields the connection name."""
+    ``deployment`` connection in ``$FLWR_HOME/config.toml``. Yields the connection name.
+
+    ``secure``: TLS on every API (a CA and certificates from :func:`make_credentials`) and
+    SuperNode authentication: the SuperLink admits only SuperNodes whose public key was
+    registered (``flwr supernode register``); ``unregistered`` more SuperNodes with keys nobody
+    registered try to join (their logs, ``supernode-unregistered-<i>.log``, say why they are refused)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     full_env = flower_env(flwr_home, extra=env)
     bin_dir = Path(sys.executable).parent
     logs = flwr_home / "deployment-logs"
     logs.mkdir(exist_ok=True)
+    creds = make_credentials(flwr_home / "credentials", num_supernodes + unregistered) if secure else None
+    tls = ["--ssl-ca-certfile", str(creds.ca), "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
+           "--enable-supernode-auth"] if creds else ["--insecure"]
     procs = [subprocess.Popen(
-        [str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+        [str(bin_dir / "flower-superlink"), *tls, "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
          "--port", str(port), "--database", str(flwr_home / "deployment.db")],
         env=full_env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT)]
     try:
         wait_for_port(port)
-        for i in range(num_supernodes):
-            procs.append(subprocess.Popen(
-                [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(port + 10 + i),
-                 "--node-config", f"partition-id={i} num-partitions={num_supernodes}"],
-                env=full_env, stdout=open(logs / f"supernode-{i}.log", "w"), stderr=subprocess.STDOUT))
         config = flwr_home / "config.toml"
         text = config.read_text() if config.exists() else '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         if "[superlink.deployment]" not in text:
-            config.write_text(text + f'\n[superlink.deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            where = f'root-certificates = "{creds.ca}"' if creds else "insecure = true"
+            config.write_text(text + f'\n[superlink.deployment]\naddress = "127.0.0.1:{port}"\n{where}\n')
+        for i in range(num_supernodes + unregistered):
+            if creds and i < num_supernodes:
+                subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(creds.nodes[i][1]), "deployment"],
+                               env=full_env, check=True, capture_output=True, text=True, timeout=120)
+            auth = ["--root-certificates", str(creds.ca), "--auth-supernode-private-key", str(creds.nodes[i][0])] if creds else ["--insecure"]
+            name = f"supernode-{i}" if i < num_supernodes else f"supernode-unregistered-{i - num_supernodes}"
+            procs.append(subprocess.Popen(
+                [str(bin_dir / "flower-supernode"), *auth, "--superlink", f"127.0.0.1:{port}", "--port", str(port + 10 + i),
+                 "--node-config", f"partition-id={min(i, num_supernodes - 1)} num-partitions={num_supernodes}"],
+                env=full_env, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT))
         yield "deployment"
     finally:
         for proc in reversed(procs):
