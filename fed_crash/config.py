@@ -165,6 +165,7 @@ class FederationConfig:
     max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)", min=0)
     eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss", min=1)
     calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
+    shards: str = opt("", "a split folder from 'fed-crash shards': the server reads only its slices there, each client only its own shard file (simulated: shard-<partition>.jsonl there; a SuperNode: its node config's shard-file); '' = every node cuts its shard from 'data'")
     eval_batch_size: int = opt(8, "batch size of server-side evaluation", min=1)
     mc_task: str = opt("", "multiple-choice task for per-round plug-in accuracy: a {query, choices, gold} JSONL or a hub task name such as 'arc_easy' ('' = off)")
     mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy", min=0)

@@ -152,6 +152,7 @@ class OffsiteStrategy(Strategy):
         self.round_offset = round_offset
         self.settle_s = settle_s
         self.shard_sizes: dict[int, int] = {}  # partition id -> its shard's rows: the most num-examples a reply may claim
+        self.shard_sha256: dict[int, str] = {}  # partition id -> its shard file's hash (split folders only): the node checks its file
         self.clipping = False  # this round's train config asks for clipping (DP): replies carry the DP metrics
         self.emulator: P.EmulatorPayload | None = None
         self.has_emulator: set[int] = set()  # nodes that acknowledged the current emulator
@@ -288,6 +289,8 @@ class OffsiteStrategy(Strategy):
         self.sent_to = {m.metadata.dst_node_id: self.partitions[m.metadata.dst_node_id] for m in out}
         for message in out:
             pid = self.partitions[message.metadata.dst_node_id]
+            if self.shard_sha256:  # each node its own hash: a RecordDict of its own (Flower's messages share one)
+                message.content = RecordDict({**message.content, P.CONFIG: ConfigRecord({**message.content[P.CONFIG], P.SHARD_SHA256: self.shard_sha256[pid]})})
             traffic.down[pid] = record_bytes(message.content) + traffic.emulator_down.get(pid, 0)  # the round's whole download
         return out
 

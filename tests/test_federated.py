@@ -3,6 +3,7 @@ model, plus the pieces it is made of: run-config parsing and client partitioning
 
 import hashlib
 import json
+import sys
 
 import pytest
 import torch
@@ -70,29 +71,48 @@ def test_labels_and_server_slices():
 
 
 @pytest.mark.slow
-def test_secure_deployment_with_tls_and_node_authentication_refuses_an_unregistered_supernode(fl_files, tmp_path):
+def test_secure_deployment_with_tls_node_authentication_and_one_shard_file_per_node(fl_files, tmp_path):
     """Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes, TLS on
     every connection and SuperNode authentication (``fed-crash simulate --deployment --secure``),
     one round. Each message starts its own ``flwr-clientapp`` process there, so training reads
     the emulator that an earlier process stored in the node's cache on disk. A third SuperNode,
-    whose key nobody registered, is refused and the run trains without it."""
+    whose key nobody registered, is refused and the run trains without it. The data is split
+    with ``fed-crash shards``: the server holds its slices, each SuperNode its own shard file
+    (node config ``shard-file``), and every client process opens that file and no other data
+    file; the run config's ``data`` does not even exist."""
+    from fed_crash.federation.client import OPEN_LOG
+    from fed_crash.tools.cli import main
     from fed_crash.tools.launch import local_deployment
 
-    config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+    config = {"model": str(fl_files / "model"), "data": str(tmp_path / "nobody-has-this.jsonl"), "results-dir": str(tmp_path / "results"),
               "run-name": "dep", "eval-examples": 8, "max-length": 256, "num-server-rounds": 1, "emulator.keep": 2,
               "emulator.method": "crash", "calib-data": str(fl_files / "rows.jsonl"), "train.steps": 2, "save-model": False}
-    home = tmp_path / "flwr"
-    with local_deployment(home, num_supernodes=2, port=free_port(), env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes")},
-                          secure=True, unregistered=1) as connection:
-        result = flwr_run(config, flwr_home=home, connection=connection, timeout=600)
+    split = tmp_path / "split"
+    cut = {**config, "data": str(fl_files / "rows.jsonl")}  # the data owner side: cut once, hand out the files
+    assert main(["shards", str(split), "--num-partitions", "2", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in cut.items())]) == 0
+    shard_files = []
+    for i in range(2):  # each data owner's machine holds its own file
+        (tmp_path / f"owner-{i}").mkdir()
+        shard_files.append((split / f"shard-{i}.jsonl").rename(tmp_path / f"owner-{i}" / f"shard-{i}.jsonl"))
+    home, opens = tmp_path / "flwr", tmp_path / "opens.log"
+    with local_deployment(home, num_supernodes=2, port=free_port(), env={"FED_CRASH_NODE_CACHE": str(tmp_path / "nodes"), OPEN_LOG: str(opens)},
+                          secure=True, unregistered=1, shard_files=shard_files) as connection:
+        result = flwr_run({**config, "shards": str(split)}, flwr_home=home, connection=connection, timeout=600)
     assert result.ok, result.output[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "results" / "dep" / "metrics.jsonl").read_text().splitlines()]
     assert [len(line["clients"]) for line in lines] == [0, 2]
+    assert sorted(c["num-examples"] for c in lines[1]["clients"]) == sorted(json.loads((split / "split.json").read_text())["files"][f"shard-{i}.jsonl"]["rows"] for i in range(2))
     assert json.loads((tmp_path / "results" / "dep" / "emulator/emulator.json").read_text())["spec"]["method"] == "crash"
     assert 'root-certificates = "' in (home / "config.toml").read_text() and "insecure" not in (home / "config.toml").read_text().split("[superlink.deployment]")[1]
     logs = home / "deployment-logs"
     assert "Failed to activate SuperNode" in (logs / "supernode-unregistered-0.log").read_text()
     assert all("Received successfully" in (logs / f"supernode-{i}.log").read_text() for i in range(2))
+    data_files: dict[str, set[str]] = {}  # client process -> the data files it opened (not the emulator's, not installed packages')
+    for pid, path in (line.split(" ", 1) for line in opens.read_text().splitlines()):
+        if not path.startswith((str(tmp_path / "nodes"), sys.prefix, str(home))):
+            data_files.setdefault(pid, set()).add(path)
+    assert set().union(*data_files.values()) == {str(f) for f in shard_files}, data_files
+    assert all(len(paths) == 1 for paths in data_files.values())  # no process opened both shards, nor anything else
 
 
 def test_data_source_local_path_or_hub_name(tmp_path, monkeypatch):

@@ -523,6 +523,39 @@ def test_a_node_keys_its_cache_by_everything_it_received_within_bounds(tmp_path,
             P.read_emulator_request(P.EmulatorPayload(first.weights, ConfigRecord(files), "").request(1).content)
 
 
+def test_a_run_on_a_split_folder_reads_only_its_files_and_a_changed_shard_is_refused(files, tmp_path):
+    """``fed-crash shards`` cuts the data as a run would: a run with ``shards`` trains on those
+    files alone (its ``data`` does not exist) on the same shards a run cutting from ``data`` gets;
+    a node whose shard file was changed refuses to train (recorded by name); the server checks
+    its own slices and that the split has as many partitions as there are nodes."""
+    from fed_crash.federation.partition import client_shard, server_and_client_rows
+    from fed_crash.federation.shards import read_split
+    from fed_crash.tools.cli import main
+    from fed_crash.tools.launch import toml_value
+
+    cut = local_config(files, tmp_path / "results")
+    split = tmp_path / "split"
+    assert main(["shards", str(split), "--num-partitions", "2", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in cut.items())]) == 0
+    cfg = parse_run_config(cut)
+    pool = server_and_client_rows(json.loads("[" + ",".join((files / "rows.jsonl").read_text().splitlines()) + "]"), cfg.fed, cfg.data, 0)["clients"]
+    assert [json.loads(line) for line in (split / "shard-1.jsonl").read_text().splitlines()] == client_shard(pool, cfg.fed, 1, 2)
+    assert read_split(split).shard_rows == {0: 8, 1: 8}
+
+    config = {**cut, "data": str(tmp_path / "nobody-has-this.jsonl"), "shards": str(split), "num-server-rounds": 1}
+    run = serve_local(config)
+    assert [len(line["clients"]) for line in metrics(run)] == [0, 2]
+    text = (split / "shard-1.jsonl").read_text()
+    (split / "shard-1.jsonl").write_text(text + text.splitlines()[0] + "\n")  # a row more than the split says
+    run = serve_local({**config, "run-name": "changed"})
+    [failure] = metrics(run)[1]["failures"]
+    assert failure["partition"] == 1 and "differs from the split the server holds" in failure["reason"]
+    with pytest.raises(ConfigError, match="splits the data into 2 partitions, the nodes say 3"):
+        serve_local({**config, "run-name": "three", "min-available-nodes": 3}, nodes=3)
+    (split / "server-eval.jsonl").write_text("")
+    with pytest.raises(DataError, match="server-eval.jsonl is missing or differs from"):
+        serve_local({**config, "run-name": "eval-changed"})
+
+
 def test_no_pickle_anywhere_and_torch_loads_only_weights():
     """Every artifact is safetensors or JSON: no module uses pickle (or numpy's pickled
     arrays), and any torch.load must say weights_only=True."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from fed_crash.federation import protocol as P
 from fed_crash.federation.context import run_config
 from fed_crash.federation.faults import FaultPlan, attack_metrics, attack_partition, attacking, corrupt_update, crash_midway, stall
 from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, server_and_client_rows
+from fed_crash.federation.shards import read_shard, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,22 @@ log = logging.getLogger(__name__)
 _EMULATORS: dict[str, tuple[Emulator, object]] = {}  # assembled emulators, by folder (named by content hash)
 _PARTITIONERS: dict[tuple, object] = {}  # the client pool's partitioner, by run config and node count
 _SHARDS: dict[tuple, list[Tokenized]] = {}  # tokenized private shards, by run config and partition
+
+OPEN_LOG = "FED_CRASH_OPEN_LOG"  # a file: every data file (.json, .jsonl) this process opens is appended to it, with the pid
+
+
+def _log_data_file_opens(log_file: str) -> None:
+    """Record which data files a client process opens (an audit hook, for checking that a node
+    reads its own shard and nothing else)."""
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, os.PathLike)) and str(args[0]).endswith((".json", ".jsonl")):
+            with open(log_file, "a") as out:  # the log's own name ends otherwise: no recursion
+                out.write(f"{os.getpid()} {os.path.abspath(args[0])}\n")
+    sys.addaudithook(hook)
+
+
+if os.environ.get(OPEN_LOG):
+    _log_data_file_opens(os.environ[OPEN_LOG])
 
 
 def node_cache_dir(context: Context) -> Path:
@@ -75,18 +93,27 @@ def receive_emulator(msg: Message, context: Context) -> Message:
     return P.emulator_ack(msg, sha256)
 
 
-def _shard(cfg: RunConfig, context: Context, tokenizer) -> list[Tokenized]:
-    """This node's private shard, tokenized; the partitioner of the pool built once per worker."""
+def _shard(cfg: RunConfig, context: Context, tokenizer, shard_sha256: str) -> list[Tokenized]:
+    """This node's private shard, tokenized: with a split folder, its own shard file alone (the
+    node config's ``shard-file``, else ``shard-<partition>.jsonl`` of ``shards``), checked against
+    the hash the server sent; otherwise cut from the data (the partitioner built once per worker)."""
     pid, num = int(context.node_config[P.PARTITION_ID]), int(context.node_config[P.NUM_PARTITIONS])
+    own_file = context.node_config.get(P.SHARD_FILE) or (str(Path(cfg.fed.shards) / shard_name(pid)) if cfg.fed.shards else "")
     run = json.dumps(cfg.to_dict(), sort_keys=True)
-    if (run, pid, num) not in _SHARDS:
-        if (run, num) not in _PARTITIONERS:
-            rows = load_instructions(data_source(cfg), skip_malformed=cfg.data.skip_malformed)
-            pool = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
-            _PARTITIONERS[(run, num)] = make_partitioner(pool, cfg.fed, num, seed=cfg.data.seed)
-        shard = partition_rows(_PARTITIONERS[(run, num)], cfg.fed, pid)
-        _SHARDS[(run, pid, num)] = tokenize(shard, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
-    return _SHARDS[(run, pid, num)]
+    key = (run, pid, num, own_file, shard_sha256)
+    if key not in _SHARDS:
+        if own_file:
+            if not shard_sha256:
+                raise P.ProtocolError(f"the node reads shard file {own_file} but the server sent no {P.SHARD_SHA256} (does it read a split folder?)")
+            shard = read_shard(own_file, shard_sha256)
+        else:
+            if (run, num) not in _PARTITIONERS:
+                rows = load_instructions(data_source(cfg), skip_malformed=cfg.data.skip_malformed)
+                pool = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
+                _PARTITIONERS[(run, num)] = make_partitioner(pool, cfg.fed, num, seed=cfg.data.seed)
+            shard = partition_rows(_PARTITIONERS[(run, num)], cfg.fed, pid)
+        _SHARDS[key] = tokenize(shard, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
+    return _SHARDS[key]
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -108,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
     emulator.load_adapters(request.adapters)
     emulator.model.to(resolve_device("auto"))  # CUDA when Ray gave this actor a GPU
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
-    examples = _shard(cfg, context, tokenizer)
+    examples = _shard(cfg, context, tokenizer, request.shard_sha256)
     prepared = time.perf_counter() - clock
     pid = int(context.node_config[P.PARTITION_ID])
     train_cfg = replace(cfg.train, seed=cfg.train.seed + 1000 * request.server_round + pid)

@@ -53,6 +53,8 @@ EMULATOR_ACK = "emulator-ack"  # emulator reply: ConfigRecord {EMULATOR_SHA256}
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 EMULATOR_SHA256 = "emulator-sha256"  # content hash of everything an emulator request holds (:func:`payload_sha256`)
+SHARD_SHA256 = "shard-sha256"  # train config, split folders only: the sha256 the server holds for this node's shard file
+SHARD_FILE = "shard-file"  # node config, split folders only: the SuperNode's own shard file
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 CLIPPING_NORM = KEY_CLIPPING_NORM  # set by Flower's DP wrapper, read by its fixedclipping_mod
@@ -250,6 +252,7 @@ class TrainRequest:
     adapters: dict
     server_round: int
     emulator_sha256: str
+    shard_sha256: str  # "" unless the run reads a split folder
     proximal_mu: float
     clipping_norm: float | None  # DP on: Flower's fixedclipping_mod clips the reply to it
 
@@ -266,7 +269,7 @@ def read_train_request(content: RecordDict) -> TrainRequest:
     if not isinstance(config.get(SERVER_ROUND), int) or not isinstance(config.get(EMULATOR_SHA256), str):
         raise ProtocolError(f"train message: config needs integer {SERVER_ROUND!r} and string {EMULATOR_SHA256!r}, got {dict(config)}")
     norm = config.get(CLIPPING_NORM)
-    return TrainRequest(content[ARRAYS].to_torch_state_dict(), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]),
+    return TrainRequest(content[ARRAYS].to_torch_state_dict(), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]), str(config.get(SHARD_SHA256, "")),
                         float(config.get(PROXIMAL_MU, 0.0)), float(norm) if norm is not None else None)
 
 

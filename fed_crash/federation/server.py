@@ -41,6 +41,7 @@ from fed_crash.federation import protocol as P
 from fed_crash.federation.checkpoint import CHECKPOINT, Checkpoint, check_resumable, read_checkpoint, resumed_history, seed_everything, set_rng_state, write_checkpoint
 from fed_crash.federation.fedbiot import align_emulator
 from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, public_rows_needed, server_and_client_rows
+from fed_crash.federation.shards import Split, read_split
 from fed_crash.selection.plan import calibration_rows, plan_emulator
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Run:
     client_pool: list[dict[str, str]]
     mc_rows: list[dict]
     laps: Laps  # started before the data was read
+    split: Split | None = None  # the split folder (shards), when the run reads one
     created: bool = False  # this start created the folder (write_run): it removes it if it fails before round 1 is saved
 
     @property
@@ -121,13 +123,15 @@ def open_run(cfg: RunConfig) -> Run:
     checkpoint = read_checkpoint(folder) if cfg.fed.resume else None
     if checkpoint:
         check_resumable(json.loads((folder / "config.json").read_text()), cfg, folder / "config.json")
-    source = data_source(cfg)
     mc_source = cfg.fed.mc_task if cfg.fed.mc_task in HUB_TASKS else resolve_path(cfg.fed.mc_task)
     mc_rows = load_task(mc_source, limit=cfg.fed.mc_samples, seed=cfg.data.seed).rows if cfg.fed.mc_task else []
-    parts = server_and_client_rows(load_instructions(source, skip_malformed=cfg.data.skip_malformed), cfg.fed, cfg.data, calibration_slice(cfg))
+    split = read_split(cfg.fed.shards) if cfg.fed.shards else None  # the server reads only its own slices
+    source = str(split.folder) if split else data_source(cfg)
+    parts = ({"eval": split.eval_rows, "calibration": split.calibration, "clients": []} if split else
+             server_and_client_rows(load_instructions(source, skip_malformed=cfg.data.skip_malformed), cfg.fed, cfg.data, calibration_slice(cfg)))
     if public_rows_needed(cfg) and cfg.fed.calib_data:
         parts["calibration"] = calibration_rows(data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
-    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps)
+    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps, split=split)
     run.laps.mark("data")
     return run
 
@@ -157,22 +161,29 @@ def plan_or_resume(run: Run, loaded: LoadedModel) -> tuple[EmulatorSpec, torch.T
     return spec, similarity
 
 
-def check_clients(run: Run, num_partitions: int, nodes: int) -> dict[int, int]:
+def check_clients(run: Run, num_partitions: int, nodes: int) -> tuple[dict[int, int], dict[int, str]]:
     """Before training: every client's shard can be cut (no more clients than examples, no
-    empty non-IID shard), and Flower can sample ``min-train-nodes`` of the connected nodes.
-    Returns each partition's shard size, the most examples its replies may claim."""
+    empty non-IID shard) or, with a split folder, the nodes hold as many partitions as it has;
+    Flower can sample ``min-train-nodes`` of the connected nodes; a robust strategy has a sample
+    it can protect. Returns each partition's shard size (the most examples its replies may
+    claim) and, with a split folder, its shard file's sha256 (each node checks its file)."""
     cfg = run.cfg
     if not nodes:
         raise FedCrashError("no connected node said which partition it holds (does the ClientApp register the partition query handler?)")
-    partitioner = make_partitioner(run.client_pool, cfg.fed, num_partitions, seed=cfg.data.seed)
-    sizes = {pid: len(partition_rows(partitioner, cfg.fed, pid)) for pid in range(num_partitions)}
+    if run.split:
+        if num_partitions != run.split.num_partitions:
+            raise ConfigError(f"shards: {run.split.folder} splits the data into {run.split.num_partitions} partitions, the nodes say {num_partitions}")
+        sizes, hashes = run.split.shard_rows, run.split.shard_sha256
+    else:
+        partitioner = make_partitioner(run.client_pool, cfg.fed, num_partitions, seed=cfg.data.seed)
+        sizes, hashes = {pid: len(partition_rows(partitioner, cfg.fed, pid)) for pid in range(num_partitions)}, {}
     if cfg.fed.min_train_nodes > nodes:
         raise ConfigError(f"run config: min-train-nodes is {cfg.fed.min_train_nodes} but only {nodes} nodes are connected (Flower would wait for more forever)")
     unprotected = robust_sample_problem(cfg.fed, nodes)
     if unprotected:
         raise ConfigError(f"run config: {unprotected}")
     run.laps.mark("connect")
-    return sizes
+    return sizes, hashes
 
 
 def robust_sample_problem(fed: FederationConfig, nodes: int) -> str | None:

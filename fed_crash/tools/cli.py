@@ -147,6 +147,14 @@ def _run_commands(sub) -> None:
     experiment.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for the runs' SuperLinks; node caches live in its nodes/ during a cell (default: .flwr)")
 
 
+    shards = sub.add_parser("shards", help="write one file per client shard and the server's slices, for runs with shards=<folder>",
+                            description="Cut the data as a run of --num-partitions clients with these run-config settings would "
+                                        "(partitioner, seed, eval and calibration slices) and write shard-<i>.jsonl per client, "
+                                        "server-eval.jsonl, server-calibration.jsonl and split.json (settings, row counts, sha256 of every file). "
+                                        "Give each data owner only its shard file (a SuperNode's node config: shard-file=<path>).")
+    shards.add_argument("out", help="an empty folder for the split")
+    shards.add_argument("--num-partitions", type=int, required=True, help="clients (one shard each)")
+    shards.add_argument("--run-config", default="", help="run-config overrides, TOML values, as for 'simulate': \"data='rows.jsonl' partitioner='dirichlet'\"")
     prune = sub.add_parser("prune", help="remove node caches and old round adapters (nothing else does)",
                            description="Remove the emulators nodes cached and the per-round adapters of finished or stopped runs "
                                        "(round 0, the last --keep-rounds, the checkpoint's round and final stay, so resume=true still works). "
@@ -402,6 +410,17 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'cka.png'}, {out / 'clusters.png'} and {out / 'cka.json'}")
 
 
+def cmd_shards(args: argparse.Namespace) -> None:
+    from fed_crash.federation.shards import write_split
+    from fed_crash.tools.launch import app_run_config, check_run_config
+
+    if args.num_partitions < 1:
+        raise C.ConfigError("shards: --num-partitions must be at least 1")
+    cfg = C.parse_run_config({**app_run_config(), **check_run_config(args.run_config)})
+    index = write_split(cfg, args.num_partitions, Path(args.out))
+    print(f"wrote {args.num_partitions} shard files and the server's slices to {index.parent} ({index.name} lists their sha256)")
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from fed_crash.federation.prune import prune_node_caches, prune_rounds
 
@@ -415,7 +434,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"{run}: removed {len(removed)} round adapter file(s)")
 
 
-COMMANDS = {"prune": cmd_prune, "tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
+COMMANDS = {"prune": cmd_prune, "shards": cmd_shards, "tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
             "report": cmd_report, "landscape": cmd_landscape, "experiment": cmd_experiment}
 
 

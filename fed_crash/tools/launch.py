@@ -349,7 +349,7 @@ def make_credentials(folder: Path, num_nodes: int) -> Credentials:
 
 @contextmanager
 def local_deployment(flwr_home: Path, *, num_supernodes: int = 2, port: int = 9092, env: Mapping[str, str] | None = None,
-                     secure: bool = False, unregistered: int = 0) -> Iterator[str]:
+                     secure: bool = False, unregistered: int = 0, shard_files: list[Path] | None = None) -> Iterator[str]:
     """Flower's deployment runtime on loopback: one SuperLink and ``num_supernodes`` SuperNodes
     as separate processes (each node gets ``partition-id``/``num-partitions``), and a
     ``deployment`` connection in ``$FLWR_HOME/config.toml``. Yields the connection name.
@@ -357,7 +357,9 @@ def local_deployment(flwr_home: Path, *, num_supernodes: int = 2, port: int = 90
     ``secure``: TLS on every API (a CA and certificates from :func:`make_credentials`) and
     SuperNode authentication: the SuperLink admits only SuperNodes whose public key was
     registered (``flwr supernode register``); ``unregistered`` more SuperNodes with keys nobody
-    registered try to join (their logs, ``supernode-unregistered-<i>.log``, say why they are refused)."""
+    registered try to join (their logs, ``supernode-unregistered-<i>.log``, say why they are refused).
+    ``shard_files``: SuperNode i reads its data from ``shard_files[i]`` alone (node config
+    ``shard-file``; runs with ``shards``, see :mod:`fed_crash.federation.shards`)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     full_env = flower_env(flwr_home, extra=env)
     bin_dir = Path(sys.executable).parent
@@ -383,9 +385,11 @@ def local_deployment(flwr_home: Path, *, num_supernodes: int = 2, port: int = 90
                                env=full_env, check=True, capture_output=True, text=True, timeout=120)
             auth = ["--root-certificates", str(creds.ca), "--auth-supernode-private-key", str(creds.nodes[i][0])] if creds else ["--insecure"]
             name = f"supernode-{i}" if i < num_supernodes else f"supernode-unregistered-{i - num_supernodes}"
+            pid = min(i, num_supernodes - 1)
+            own = f' shard-file="{shard_files[pid]}"' if shard_files else ""
             procs.append(subprocess.Popen(
                 [str(bin_dir / "flower-supernode"), *auth, "--superlink", f"127.0.0.1:{port}", "--port", str(port + 10 + i),
-                 "--node-config", f"partition-id={min(i, num_supernodes - 1)} num-partitions={num_supernodes}"],
+                 "--node-config", f"partition-id={pid} num-partitions={num_supernodes}{own}"],
                 env=full_env, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT))
         yield "deployment"
     finally:
