@@ -15,7 +15,12 @@ markers in the doc is rewritten.
 * bad updates: one 1-round run per kind of bad update, one client of 3 sending it; and a
   garbage update with no norm bound under FedAvg and under FedMedian;
 * bad inputs: each bad key, value, file, spec, client count or checkpoint, started like a user
-  starts a run, against a results folder that already holds the runs above.
+  starts a run, against a results folder that already holds the runs above;
+* attacks (``--only attacks``, the attacks table): one malicious client per run
+  (``faults.attack``: a chosen weight, odd metrics, skipped DP clipping, a claim to another
+  partition), a robust strategy over too small a sample, DP accounting of a real run, late and
+  bad inputs, a resume after a torn metrics line, and a SuperNode of a secure deployment (TLS,
+  node authentication, one shard file per node) killed after round 1.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -44,7 +50,7 @@ from fed_crash.config import FaultConfig  # noqa: E402
 from fed_crash.errors import FedCrashError  # noqa: E402
 from fed_crash.federation.faults import KINDS, FaultPlan, find_seed, telling  # noqa: E402
 from fed_crash.federation.server import reproducible  # noqa: E402
-from fed_crash.tools.launch import FlowerRun, flwr_run, free_port  # noqa: E402
+from fed_crash.tools.launch import FlowerRun, _descendants, _pids_with, flwr_run, free_port, local_deployment  # noqa: E402
 from fed_crash.tools.tiny import ROWS, build_tokenizer, tiny_llama  # noqa: E402
 
 log = logging.getLogger("reliability")
@@ -279,7 +285,54 @@ def rows_for_attacks(lab: Lab) -> list[list[str]]:
             after, message = f"stopped: {result.status}", (ERROR.search(result.output or "") or ["", ""])[0]
         lost = "yes: results/ unchanged" if {k: v for k, v in snapshot(lab.results).items() if k in snap} == snap else "NO"
         rows.append([finding, tried, f"flwr run, {clients} clients", before, after, short(message), lost])
-    return rows + rows_for_careless_use(lab)
+    return rows + rows_for_careless_use(lab) + rows_for_a_lost_node(lab)
+
+
+def rows_for_a_lost_node(lab: Lab) -> list[list[str]]:
+    """A secure loopback deployment (TLS, node authentication, one shard file per node) of two
+    SuperNodes, three rounds; SuperNode 1 and its processes are killed (SIGKILL) once round 1
+    is logged. Every wait is bounded: the run must end, with the lost node recorded."""
+    import signal
+    import threading
+
+    from fed_crash.config import parse_run_config
+    from fed_crash.federation.shards import write_split
+
+    name, home, port = "lost-node", lab.work / "flwr-deployment", free_port()
+    config = {**lab.base, "run-name": name, "num-server-rounds": 3, "min-available-nodes": 1, "min-train-nodes": 1,
+              "round-timeout": 20.0, "node-timeout": 30.0}
+    split = write_split(parse_run_config(config), 2, lab.work / "split").parent
+    run_dir, killed = lab.results / name, []
+
+    def kill_node_after_round_1() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+            if len(lines) >= 2:  # rounds 0 and 1
+                node = _pids_with(f"--port {port + 11} ")  # SuperNode 1's own port
+                for pid in node + _descendants(node):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(time.monotonic())
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=kill_node_after_round_1, daemon=True)
+    start = time.monotonic()
+    with local_deployment(home, num_supernodes=2, port=port, env={"FED_CRASH_NODE_CACHE": str(lab.work / "nodes-deployment")}, secure=True,
+                          shard_files=[split / f"shard-{i}.jsonl" for i in range(2)]) as connection:
+        watcher.start()
+        result = flwr_run({**config, "shards": str(split)}, flwr_home=home, connection=connection, timeout=900)
+    wall = time.monotonic() - start
+    lines = metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    rounds = "; ".join(f"round {line['round']}: {len(line['clients'])} trained" + "".join(f", client {f['partition']} {f['kind']}" for f in line["failures"])
+                       for line in lines[1:])
+    after = (f"node killed {killed[0] - start:.0f}s into the run; {rounds}; {result.status} after {wall:.0f}s" if killed
+             else f"NOT killed ({result.status})")
+    message = next((f["reason"] for line in lines for f in line["failures"]), "") or (ERROR.search(result.output or "") or ["", ""])[0]
+    return [["8 lost node", "SuperNode 1 of 2 killed (SIGKILL) after round 1 of 3; secure deployment, one shard file per node, "
+             "round-timeout 20, node-timeout 30, min-available-nodes 1", "deployment (TLS, node auth)",
+             "not run; a node that never answered was asked again every round, each time waiting up to max(round-timeout, 600 s) (read)",
+             after, short(message), "yes" if result.ok else "NO"]]
 
 
 def rows_for_careless_use(lab: Lab) -> list[list[str]]:
