@@ -40,6 +40,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))  # the test suite's tiny model and rows
 
 from fed_crash.config import FaultConfig  # noqa: E402
 from fed_crash.errors import FedCrashError  # noqa: E402
+from fed_crash.federation.client import OPEN_LOG  # noqa: E402
 from fed_crash.federation.faults import KINDS, FaultPlan, find_seed, telling  # noqa: E402
 from fed_crash.federation.server import reproducible  # noqa: E402
 from fed_crash.tools.launch import FlowerRun, _descendants, _pids_with, flwr_run, free_port, local_deployment  # noqa: E402
@@ -318,8 +320,13 @@ def rows_for_a_lost_node(lab: Lab) -> list[list[str]]:
 
     watcher = threading.Thread(target=kill_node_after_round_1, daemon=True)
     start = time.monotonic()
-    with local_deployment(home, num_supernodes=2, port=port, env={"FED_CRASH_NODE_CACHE": str(lab.work / "nodes-deployment")}, secure=True,
-                          shard_files=[split / f"shard-{i}.jsonl" for i in range(2)]) as connection:
+    opens = lab.work / "opens.log"
+    owners = []
+    for i in range(2):  # each data owner's machine holds its own shard file, and nothing else of the data
+        (lab.work / f"owner-{i}").mkdir(exist_ok=True)
+        owners.append((split / f"shard-{i}.jsonl").rename(lab.work / f"owner-{i}" / f"shard-{i}.jsonl"))
+    with local_deployment(home, num_supernodes=2, port=port, env={"FED_CRASH_NODE_CACHE": str(lab.work / "nodes-deployment"), OPEN_LOG: str(opens)},
+                          secure=True, unregistered=1, shard_files=owners) as connection:
         watcher.start()
         result = flwr_run({**config, "shards": str(split)}, flwr_home=home, connection=connection, timeout=900)
     wall = time.monotonic() - start
@@ -329,10 +336,25 @@ def rows_for_a_lost_node(lab: Lab) -> list[list[str]]:
     after = (f"node killed {killed[0] - start:.0f}s into the run; {rounds}; {result.status} after {wall:.0f}s" if killed
              else f"NOT killed ({result.status})")
     message = next((f["reason"] for line in lines for f in line["failures"]), "") or (ERROR.search(result.output or "") or ["", ""])[0]
-    return [["8 lost node", "SuperNode 1 of 2 killed (SIGKILL) after round 1 of 3; secure deployment, one shard file per node, "
-             "round-timeout 20, node-timeout 30, min-available-nodes 1", "deployment (TLS, node auth)",
-             "not run; a node that never answered was asked again every round, each time waiting up to max(round-timeout, 600 s) (read)",
-             after, short(message), "yes" if result.ok else "NO"]]
+    refused = "Failed to activate SuperNode" in (home / "deployment-logs" / "supernode-unregistered-0.log").read_text()
+    opened: dict[str, set[str]] = {}  # client process -> data files it opened (not the emulator's, not installed packages')
+    for pid, path in (line.split(" ", 1) for line in (opens.read_text().splitlines() if opens.is_file() else [])):
+        if not path.startswith((str(lab.work / "nodes-deployment"), sys.prefix, str(home))):
+            opened.setdefault(pid, set()).add(path)
+    own_only = opened and all(len(paths) == 1 for paths in opened.values()) and set().union(*opened.values()) == {str(f) for f in owners}
+    return [
+        ["8 lost node", "SuperNode 1 of 2 killed (SIGKILL) after round 1 of 3; secure deployment, one shard file per node, "
+         "round-timeout 20, node-timeout 30, min-available-nodes 1", "deployment (TLS, node auth)",
+         "not run; a node that never answered was asked again every round, each time waiting up to max(round-timeout, 600 s) (read)",
+         after, short(message), "yes" if result.ok else "NO"],
+        ["9 TLS, node auth", "a third SuperNode with a key nobody registered joins the same deployment", "deployment (TLS, node auth)",
+         "only --insecure existed: any process reaching the port joined (read)",
+         "refused: 'Failed to activate SuperNode'; the run trained on the two registered nodes" if refused else "NOT refused", "", "yes"],
+        ["10 shard files", "every data file each client process of the same deployment opens (FED_CRASH_OPEN_LOG)", "deployment",
+         "every node read the whole data file, the server's evaluation and calibration rows included (read)",
+         (f"{len(opened)} client processes, each opened its own shard file and no other data file; the run config's data was never read"
+          if own_only else f"NOT only its own: {opened}"), "", "yes"],
+    ]
 
 
 def rows_for_careless_use(lab: Lab) -> list[list[str]]:
@@ -350,6 +372,19 @@ def rows_for_careless_use(lab: Lab) -> list[list[str]]:
     rows.append(["2 epsilon", "a DP run, 3 of 3 clients, sigma 1, 2 rounds, delta 1e-5", "flwr run, 3 clients",
                  f"reported epsilon {old.get_epsilon(1e-5):.2f} (noise taken as sigma, not sigma/2, times the sensitivity 2C/m)",
                  f"reported epsilon {reported:.2f} (the bound at sigma/2: {epsilon_spent([(3, 3)] * 2, 1.0, 1e-5):.2f})", "", "yes"])
+
+    # the noise: clipped to 1e-6, the mean of 3 updates is far below the noise (std 1e-6/3 per weight, thousands of
+    # weights), so what round 1 moved the adapters by is the noise; a node regenerates NumPy's draws from the run's seed
+    result, run = lab.run("dp-noise", **{"num-server-rounds": 1, "dp-clipping-norm": 1e-6, "dp-noise-multiplier": 1.0, "fraction-train": 1.0})
+    start, released = load_file(run / "adapters/round-0.safetensors"), load_file(run / "adapters/round-1.safetensors")
+    noise = torch.cat([(released[k] - start[k]).flatten() for k in start]).double().numpy()
+    np.random.seed(lab.configs["dp-noise"].get("seed", 0))
+    guess = np.concatenate([np.random.normal(0.0, 1e-6 / 3, start[k].numel()) for k in start])
+    corr = float(np.corrcoef(noise, guess)[0, 1])
+    rows.append(["1 noise", "a node regenerates the DP noise from the run's seed (NumPy's global generator, as Flower draws it) "
+                 "and correlates it with what round 1 added", "flwr run, 3 clients, clip 1e-6",
+                 "correlation 1.0: the guess was the noise (measured in-process)",
+                 f"correlation {corr:+.3f} over {noise.size} weights; the noise's std {noise.std():.3g} (sigma C / m = {1e-6 / 3:.3g})", "", "yes"])
 
     snap = snapshot(lab.results)
     outcomes = []
