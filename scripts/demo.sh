@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment and run the main job on the embedded defaults: the Flower simulation
-# `simulations/alpaca` (SmolLM2-135M-Instruct, Alpaca shards, CRaSh emulator, FedAvg over
+# `simulations/alpaca` (SmolLM2-135M-Instruct, Alpaca shards, OFT's uniform emulator, FedAvg over
 # 4 simulated clients, 2 sampled per round, 3 rounds) through `flwr run`. Results land in
 # results/<method>-<strategy>-<timestamp>/. Extra arguments go to `fed-crash simulate`.
 set -euo pipefail
