@@ -287,7 +287,31 @@ def rows_for_attacks(lab: Lab) -> list[list[str]]:
             after, message = f"stopped: {result.status}", (ERROR.search(result.output or "") or ["", ""])[0]
         lost = "yes: results/ unchanged" if {k: v for k, v in snapshot(lab.results).items() if k in snap} == snap else "NO"
         rows.append([finding, tried, f"flwr run, {clients} clients", before, after, short(message), lost])
-    return rows + rows_for_careless_use(lab) + rows_for_a_lost_node(lab)
+    return rows + rows_for_careless_use(lab) + rows_for_a_lost_node(lab) + rows_for_a_changed_emulator(lab)
+
+
+def rows_for_a_changed_emulator(lab: Lab) -> list[list[str]]:
+    """Two runs on one loopback deployment (the SuperNodes, their ids and caches persist): the
+    model owner changes the tokenizer's config between them, the weights stay the same."""
+    home, cache = lab.work / "flwr-files", lab.work / "nodes-files"
+    model = lab.tiny_model(lab.work / "model-files", seed=0)
+    config = {**lab.base, "model": str(model), "num-server-rounds": 1, "min-available-nodes": 2, "min-train-nodes": 2}
+    with local_deployment(home, num_supernodes=2, port=free_port(), env={"FED_CRASH_NODE_CACHE": str(cache)}) as connection:
+        first = flwr_run({**config, "run-name": "files-a"}, flwr_home=home, connection=connection, timeout=600)
+        tokenizer_config = model / "tokenizer_config.json"
+        tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "model_max_length": 321}))
+        second = flwr_run({**config, "run-name": "files-b"}, flwr_home=home, connection=connection, timeout=600)
+    manifests = [json.loads((lab.results / name / "emulator" / "emulator.json").read_text()) for name in ("files-a", "files-b")]
+    same_weights = manifests[0]["weights_sha256"] == manifests[1]["weights_sha256"]
+    stored = {node.name: [json.loads((f / "tokenizer_config.json").read_text()).get("model_max_length") for f in sorted(node.iterdir())]
+              for node in sorted(cache.glob("node-*"))}
+    ok = first.ok and second.ok and same_weights and len(stored) == 2 and all(len(v) == 2 and 321 in v for v in stored.values())
+    after = (f"both runs {second.status}; same weights: {'yes' if same_weights else 'no'}; each node stored the second emulator apart "
+             f"(model_max_length of its cached emulators: {stored}) and trained on it" if ok else f"NOT stored apart: {stored} ({second.status})")
+    return [["11 emulator files", "the model owner changes the tokenizer's config between two runs, weights unchanged; one deployment, "
+             "its SuperNodes' caches kept", "deployment x2 runs",
+             "the cache was keyed by the weights' hash: the second run's nodes found the first run's folder and trained with its old "
+             "tokenizer files (read)", after, "", "yes" if ok else "NO"]]
 
 
 def rows_for_a_lost_node(lab: Lab) -> list[list[str]]:
