@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from fed_crash.config import ConfigError, FederationConfig, parse_run_config
 from fed_crash.federation.client import dp_clipping_mod
@@ -134,7 +134,8 @@ def _clip_through_the_mod(start: dict, trained: dict, clipping_norm: float | Non
     for clipping), the handler replying with ``trained``; the adapters that leave the node."""
     config = {P.SERVER_ROUND: 1, P.EMULATOR_SHA256: "0" * 64, **({P.CLIPPING_NORM: clipping_norm} if clipping_norm is not None else {})}
     message = Message(RecordDict({P.ARRAYS: ArrayRecord(start), P.CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=P.TRAIN)
-    out = dp_clipping_mod(message, None, lambda msg, ctx: P.train_reply(msg, trained, {P.NUM_EXAMPLES: 1}))
+    context = Context(run_id=1, node_id=1, node_config={P.PARTITION_ID: 0, P.NUM_PARTITIONS: 1}, state=RecordDict(), run_config={})
+    out = dp_clipping_mod(message, context, lambda msg, ctx: P.train_reply(msg, trained, {P.NUM_EXAMPLES: 1}))
     assert not out.has_error(), out.error
     return out.content[P.ARRAYS].to_torch_state_dict()
 

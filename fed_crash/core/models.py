@@ -158,8 +158,7 @@ def _load_gguf(gguf: Path, cache_dir: str | Path | None, dtype: torch.dtype, mod
     content (a tenth of a second to hash), so a new environment or checkout holding the same
     wheel reuses the cache instead of de-quantizing again (tens of seconds)."""
     stat = gguf.stat()
-    with gguf.open("rb") as f:
-        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    key = file_sha256(gguf)[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"{gguf.stem}-{key}"
     if (cache / "fed_crash_cache.json").is_file():
         start = time.perf_counter()
@@ -218,6 +217,12 @@ def get_layers(model: nn.Module) -> nn.ModuleList:
 def set_layers(model: nn.Module, layers: nn.ModuleList) -> None:
     parent, _, name = layer_path(model).rpartition(".")
     setattr(model.get_submodule(parent), name, layers)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (GGUF files are hundreds of MB)."""
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:

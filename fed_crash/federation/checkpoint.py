@@ -24,7 +24,6 @@ the run config before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from fed_crash.config import ConfigError, RunConfig
 from fed_crash.core.artifacts import MANIFEST, ArtifactError, load_adapters, read_manifest
-from fed_crash.core.models import state_hash
+from fed_crash.core.models import file_sha256, state_hash
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +102,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fsync(path: Path) -> None:

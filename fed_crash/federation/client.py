@@ -170,7 +170,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable
     """Flower's ``fixedclipping_mod``, unchanged, on the train messages that ask for clipping
     (the DP wrapper puts ``clipping_norm`` in the train config); the mod itself refuses a message
     without it, and a run without DP sends none."""
-    skip = attacking(run_config(context).faults, int(context.node_config.get(P.PARTITION_ID, -1)), "skip-clipping") if context else False
+    skip = attacking(run_config(context).faults, int(context.node_config.get(P.PARTITION_ID, -1)), "skip-clipping")
     if P.CLIPPING_NORM in msg.content.config_records.get(P.CONFIG, {}) and not skip:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)

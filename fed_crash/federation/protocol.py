@@ -108,8 +108,8 @@ def check_metrics(values: MetricRecord, *, clipping: bool, max_examples: int | N
     names = train_metric_names(clipping)
     unknown, missing = sorted(set(values) - names), sorted(names - set(values))
     if unknown or missing:
-        return (f"metrics {'unknown: ' + str(unknown) if unknown else ''}{'; ' if unknown and missing else ''}"
-                f"{'missing: ' + str(missing) if missing else ''}; a train reply reports exactly {sorted(names)}")
+        found = "; ".join(f"{what}: {keys}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys)
+        return f"metrics {found}; a train reply reports exactly {sorted(names)}"
     for name, value in values.items():
         metric = CLIENT_METRICS[name]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

@@ -26,13 +26,13 @@ def prune_rounds(run_dir: Path, keep_last: int = 1) -> list[Path]:
     """Remove the per-round adapter files of a run except round 0, the last ``keep_last``
     rounds and the round its checkpoint names (so ``resume=true`` still works); ``final`` and
     the emulator stay. Returns what was removed."""
-    adapters = run_dir / "adapters"
-    rounds = sorted({int(m.group(1)) for p in adapters.glob("round-*.safetensors") if (m := _ROUND_FILE.match(p.name))})
+    files = {p: int(m.group(1)) for p in (run_dir / "adapters").glob("round-*.safetensors") if (m := _ROUND_FILE.match(p.name))}
+    rounds = sorted(set(files.values()))
     keep = {0, *rounds[len(rounds) - keep_last:]} if keep_last > 0 else {0}
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.is_file():
         keep.add(json.loads(checkpoint.read_text())["round"])
-    removed = sorted(p for p in adapters.glob("round-*.safetensors") if (m := _ROUND_FILE.match(p.name)) and int(m.group(1)) not in keep)
+    removed = sorted(p for p, r in files.items() if r not in keep)
     for path in removed:
         path.unlink()
     return removed

@@ -19,13 +19,13 @@ evaluation row can reach training through another file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from fed_crash.config import ConfigError, RunConfig, resolve_path
 from fed_crash.core.data import DataError, load_instructions
+from fed_crash.core.models import file_sha256
 
 FORMAT = "fed-crash-split/1"
 SPLIT = "split.json"
@@ -35,10 +35,6 @@ SPLIT_KEYS = ("eval_examples", "max_client_examples", "partitioner", "partition_
 
 def shard_name(partition_id: int) -> str:
     return f"shard-{partition_id}.jsonl"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -60,7 +56,7 @@ def write_split(cfg: RunConfig, num_partitions: int, out: Path) -> Path:
     for name, rows in [*((SERVER_FILES[k], parts[k]) for k in SERVER_FILES),
                        *((shard_name(i), partition_rows(partitioner, cfg.fed, i)) for i in range(num_partitions))]:
         _write_rows(out / name, rows)
-        files[name] = {"rows": len(rows), "sha256": _sha256(out / name)}
+        files[name] = {"rows": len(rows), "sha256": file_sha256(out / name)}
     settings = {"data": Path(data_source(cfg)).name, "seed": cfg.data.seed, "calibration": calibration_slice(cfg),
                 **{key.replace("_", "-"): getattr(cfg.fed, key) for key in SPLIT_KEYS}}
     (out / SPLIT).write_text(json.dumps({"format": FORMAT, "num_partitions": num_partitions, "settings": settings, "files": files}, indent=1))
@@ -92,7 +88,7 @@ def read_split(folder: str | Path) -> Split:
     slices = {}
     for key, name in SERVER_FILES.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != split["files"][name]["sha256"]:
+        if not path.is_file() or file_sha256(path) != split["files"][name]["sha256"]:
             raise DataError(f"shards: {path} is missing or differs from {index}")
         slices[key] = load_instructions(path) if split["files"][name]["rows"] else []  # no calibration slice: an empty file
     shards = {i: split["files"][shard_name(i)] for i in range(split["num_partitions"])}
@@ -105,7 +101,8 @@ def read_shard(path: str | Path, expected_sha256: str) -> list[dict[str, str]]:
     path = resolve_path(str(path))
     if not path.is_file():
         raise DataError(f"shard file {path} does not exist")
-    if _sha256(path) != expected_sha256:
-        raise DataError(f"shard file {path} differs from the split the server holds (sha256 {_sha256(path)[:16]}, "
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        raise DataError(f"shard file {path} differs from the split the server holds (sha256 {actual[:16]}, "
                         f"the server's {expected_sha256[:16]}): server and node must use one split")
     return load_instructions(path)
