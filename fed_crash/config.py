@@ -30,6 +30,8 @@ DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (fed_crash.core.
 # fed_crash.evaluation.compare.VARIANTS hold one entry under each (a test checks that they agree).
 HUB_TASK_NAMES = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "hellaswag", "sciq")
 COMPARE_METHODS = ("uniform", "crash", "crash-sink", "search")
+COMPUTE_DTYPES = ("auto", "bf16", "fp32")  # fed_crash.core.precision resolves them (kept apart: this module imports no torch)
+WIRE_DTYPES = ("fp32", "bf16")
 
 
 class ConfigError(FedCrashError):
@@ -57,6 +59,12 @@ class DataConfig:
     max_length: int = opt(256, "truncate each example to this many tokens", min=8)
     skip_malformed: bool = opt(False, "skip and count malformed rows instead of failing on the first one")
     seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices (in federated runs also of the node sampling and the server's random generators)", min=0)
+
+
+@dataclass
+class ComputeConfig:
+    compute_dtype: str = opt("auto", "dtype of forward passes (training, evaluation, scoring, CKA, search): 'bf16' autocast, 'fp32', or 'auto' (bf16 on CUDA with bf16 and on CPUs with AVX512-BF16 or AMX, else fp32); weights, gradients, optimizer state and artifacts stay fp32",
+                             choices=COMPUTE_DTYPES)
 
 
 @dataclass
@@ -171,6 +179,8 @@ class FederationConfig:
     mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy", min=0)
     run_name: str = opt("", "results/<run-name>/ ('' = <method>-<strategy>-<timestamp>)")
     results_dir: str = opt("results", "folder that holds one sub-folder per run")
+    wire_dtype: str = opt("fp32", "dtype of the tensors exchanged and of the emulator folder: 'fp32', or 'bf16' (half the bytes; the emulator's frozen weights, the adapters sent and the updates returned are rounded to bf16; clients and server compute on fp32 copies); differential privacy needs fp32 (clipping sees the true update)",
+                            choices=WIRE_DTYPES)
     save_model: bool = opt(True, "save the final plug-in model (safetensors) in the run folder")
     progress: bool = opt(False, "progress bars in server and client logs")
     min_replies: int = opt(1, "aggregate a round only if at least this many valid updates arrived (after errors, timeouts, dropouts and rejected replies); otherwise the round keeps the previous adapters", min=1)
@@ -225,17 +235,19 @@ class RunConfig:
     emulator: EmulatorConfig
     train: TrainConfig
     faults: FaultConfig = field(default_factory=FaultConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def to_dict(self) -> dict:
-        return {name: to_dict(getattr(self, name)) for name in ("fed", "data", "emulator", "train", "faults")}
+        return {name: to_dict(getattr(self, name)) for name in ("fed", "data", "compute", "emulator", "train", "faults")}
 
 
 SECTIONS: dict[str, type] = {"emulator": EmulatorConfig, "train": TrainConfig, "faults": FaultConfig}  # dotted run-config keys
+TOP_LEVEL: dict[str, type] = {"fed": FederationConfig, "data": DataConfig, "compute": ComputeConfig}  # undotted keys, by group
 
 
 def run_config_keys() -> list[str]:
     """Every run-config key, as written in a run config: top-level and ``section.key``."""
-    top = [f.name for cls in (FederationConfig, DataConfig) for f in dataclasses.fields(cls)]
+    top = [f.name for cls in TOP_LEVEL.values() for f in dataclasses.fields(cls)]
     dotted = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     return sorted(name.replace("_", "-") for name in top + dotted)
 
@@ -248,26 +260,21 @@ def unknown_key(key: str, known: list[str], where: str = "run config") -> Config
 
 def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
     """Split a flat run config into its sections, each checked by :func:`from_mapping`."""
-    top_fields = {f.name for f in dataclasses.fields(FederationConfig)}
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    parts: dict[str, dict[str, Any]] = {"fed": {}, "data": {}, **{section: {} for section in SECTIONS}}
+    group_of = {f.name: group for group, cls in TOP_LEVEL.items() for f in dataclasses.fields(cls)}
+    parts: dict[str, dict[str, Any]] = {**{group: {} for group in TOP_LEVEL}, **{section: {} for section in SECTIONS}}
     for key, value in values.items():
         section, dot, name = key.partition(".")
         if dot:
             if section not in SECTIONS:
                 raise ConfigError(f"run config: unknown section {section!r} in key {key!r}; sections are {', '.join(map(repr, SECTIONS))}")
             parts[section][name] = value
-        elif key.replace("-", "_") in data_fields:
-            parts["data"][key] = value
-        elif key.replace("-", "_") in top_fields:
-            parts["fed"][key] = value
+        elif key.replace("-", "_") in group_of:
+            parts[group_of[key.replace("-", "_")]][key] = value
         else:
             raise unknown_key(key, run_config_keys())
-    cfg = RunConfig(
-        from_mapping(FederationConfig, parts["fed"], where="run config"),
-        from_mapping(DataConfig, parts["data"], where="run config"),
-        *(from_mapping(cls, parts[section], where=f"run config [{section}]") for section, cls in SECTIONS.items()),
-    )
+    top = {group: from_mapping(cls, parts[group], where="run config") for group, cls in TOP_LEVEL.items()}
+    cfg = RunConfig(top["fed"], top["data"], *(from_mapping(cls, parts[section], where=f"run config [{section}]") for section, cls in SECTIONS.items()),
+                    compute=top["compute"])
     if cfg.train.lora_rank > 0 and (cfg.fed.fedbiot_lambda > 0 or (cfg.fed.strategy.lower() == "fedprox" and cfg.fed.proximal_mu > 0)):
         # with LoRA the adapter weights are frozen and the term would be a constant: no effect
         raise ConfigError("run config: proximal terms (fedprox's proximal-mu, fedbiot-lambda) need full adapter training (train.lora-rank = 0)")
@@ -276,6 +283,8 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(f"run config: differential privacy (dp-clipping-norm > 0) needs an unweighted mean: strategy {' or '.join(DP_STRATEGIES)}, got {fed.strategy!r}")
     if fed.dp_clipping_norm > 0 and (fed.dp_noise_multiplier <= 0 or not 0 < fed.dp_delta < 1):
         raise ConfigError(f"run config: differential privacy needs dp-noise-multiplier > 0 and 0 < dp-delta < 1, got {fed.dp_noise_multiplier} and {fed.dp_delta}")
+    if fed.dp_clipping_norm > 0 and fed.wire_dtype != "fp32":
+        raise ConfigError(f"run config: differential privacy clips the update a client sends; with wire-dtype {fed.wire_dtype!r} the clipped update would be rounded again on the way: use wire-dtype 'fp32'")
     if not 0.0 <= fed.trimmed_beta < 0.5:
         raise ConfigError(f"run config: 'trimmed-beta' must be in [0, 0.5), got {fed.trimmed_beta}")
     if cfg.fed.fedbiot_align_steps > 0 and cfg.emulator.top == 0:

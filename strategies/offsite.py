@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -53,6 +54,37 @@ class PartitionOrderedGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self._nodes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+class WorkAfterFirstTrainPush:
+    """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: the first time
+    it is asked to send train messages, it pushes them, runs ``work`` (round 0's evaluation)
+    while the clients train, then pulls the replies as Flower's own ``send_and_receive`` does
+    (until all have come or ``timeout`` has passed since the push). Every other exchange (partition
+    queries, emulator deliveries) passes straight through."""
+
+    def __init__(self, grid: Grid, work, pull_interval_s: float = 0.2) -> None:
+        self._grid, self._work, self._pull_interval_s = grid, work, pull_interval_s
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if self._work is None or any(m.metadata.message_type != P.TRAIN for m in messages):
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        pending = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout or 0.0)
+        work, self._work = self._work, None
+        work()
+        replies: list[Message] = []
+        while pending and (timeout is None or time.time() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self._pull_interval_s)
+        return replies
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -139,6 +171,7 @@ class OffsiteStrategy(Strategy):
         faults: FaultPlan | None = None,
         round_offset: int = 0,
         settle_s: float = 1.0,
+        wire_dtype: str = "fp32",
     ) -> None:
         self.inner = inner
         self.seed = seed
@@ -151,6 +184,7 @@ class OffsiteStrategy(Strategy):
         self.faults = faults
         self.round_offset = round_offset
         self.settle_s = settle_s
+        self.wire_dtype = wire_dtype  # how adapters travel (protocol.to_wire); the inner strategy sees fp32 only
         self.shard_sizes: dict[int, int] = {}  # partition id -> its shard's rows: the most num-examples a reply may claim
         self.shard_sha256: dict[int, str] = {}  # partition id -> its shard file's hash (split folders only): the node checks its file
         self.clipping = False  # this round's train config asks for clipping (DP): replies carry the DP metrics
@@ -163,6 +197,18 @@ class OffsiteStrategy(Strategy):
         self.num_partitions = 0
         self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every train message sent
         self.sent_arrays = ArrayRecord()  # this round's adapters: replies are checked against them, low-rank ones expanded from them
+
+    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, evaluate_fn=None, evaluate_round_0_while_training: bool = False, **kwargs):
+        """Flower's round loop. With ``evaluate_round_0_while_training``, round 0's evaluation (of
+        the starting adapters, which nothing sent depends on) runs after round 1's train messages
+        have left instead of before them (:class:`WorkAfterFirstTrainPush`), so clients start
+        training at once; its metrics line is still the first one. Off when round 0's evaluation
+        changes what clients get (FedBiOT re-aligns the emulator there)."""
+        if evaluate_fn is None or not evaluate_round_0_while_training:
+            return super().start(grid=grid, initial_arrays=initial_arrays, evaluate_fn=evaluate_fn, **kwargs)
+        overlapped = WorkAfterFirstTrainPush(grid, lambda: evaluate_fn(0, initial_arrays))
+        return super().start(grid=overlapped, initial_arrays=initial_arrays,  # type: ignore[arg-type]
+                             evaluate_fn=lambda rnd, arrays: None if rnd == 0 else evaluate_fn(rnd, arrays), **kwargs)
 
     def set_emulator(self, emulator: P.EmulatorPayload) -> None:
         """The emulator nodes train on; a new one (FedBiOT alignment) reaches every node before its next round."""
@@ -272,10 +318,15 @@ class OffsiteStrategy(Strategy):
         for node, pid in self._unreported.items():
             traffic.fail(pid, node, "excluded", self.excluded[node])
         self._unreported.clear()
-        self.sent_arrays = arrays
-        config = ConfigRecord({**config, **P.train_config(self.emulator.sha256 if self.emulator else "")})
+        config = ConfigRecord({**config, **P.train_config(self.emulator.sha256 if self.emulator else "", self.wire_dtype)})
         ready = []
         sampled = self._sample(server_round, arrays, config, grid)
+        if self.wire_dtype != "fp32" and sampled:  # one encoded record for every message; replies are checked against what nodes received
+            wire = P.to_wire(sampled[0].content[P.ARRAYS].to_torch_state_dict(), self.wire_dtype)
+            arrays = ArrayRecord(P.from_wire(wire, self.wire_dtype, torch.float32))
+            for message in sampled:
+                message.content = RecordDict({**message.content, P.ARRAYS: wire})
+        self.sent_arrays = arrays
         self.clipping = any(P.CLIPPING_NORM in m.content[P.CONFIG] for m in sampled)
         for message in sampled:
             node = message.metadata.dst_node_id
@@ -295,8 +346,10 @@ class OffsiteStrategy(Strategy):
         return out
 
     def _check(self, reply: Message) -> tuple[str | None, float | None]:
-        """Expand a low-rank reply to dense adapters, then validate it."""
+        """Decode the reply's wire dtype, expand a low-rank reply to dense adapters, then validate it."""
         content = reply.content
+        if self.wire_dtype != "fp32" and isinstance(content.get(P.ARRAYS), ArrayRecord):
+            content[P.ARRAYS] = ArrayRecord(P.from_wire(content[P.ARRAYS], self.wire_dtype, torch.float32))
         if isinstance(content.get(P.ARRAYS), ArrayRecord) and P.is_low_rank(content[P.ARRAYS]):
             try:
                 content[P.ARRAYS] = expand_low_rank(self.sent_arrays, content[P.ARRAYS])

@@ -85,21 +85,34 @@ class LocalGrid:
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i, "num-partitions": len(self.nodes)},
                                        state=RecordDict(), run_config=dict(run_config or {})) for i, node in enumerate(self.nodes)}
         self.sent: list[Message] = []  # every message, in order
+        self._replies: dict[str, Message] = {}  # pushed, not pulled yet
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+    def push_messages(self, messages) -> list[str]:
+        """Each message gets an id, as Flower's grids give one, and is answered at once."""
+        from uuid import uuid4
+
         from alpaca.client_app import app
 
-        replies = []
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
             self.sent.append(message)
             try:
-                replies.append(app(message, self.contexts[message.metadata.dst_node_id]))
+                reply = app(message, self.contexts[message.metadata.dst_node_id])
             except Exception as err:  # noqa: BLE001 - what Flower does with a ClientApp's exception
-                replies.append(Message(Error(code=2, reason=simulated_error_reason(err)), reply_to=message))
-        return replies
+                reply = Message(Error(code=2, reason=simulated_error_reason(err)), reply_to=message)
+            self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
 
 def simulated_error_reason(err: Exception) -> str:

@@ -70,11 +70,13 @@ def check_private(weights: dict[str, torch.Tensor], files: Iterable[str], model:
     if stray:
         raise PrivacyError(f"emulator tensor {stray[0]!r} is not part of the emulator (kept layers {list(spec.kept)}): it would leak a removed or adapter layer")
     prefix = layer_path(model)
-    shared = {state_hash({"": t}) for t in cut.values()}  # contents the emulator legitimately holds (e.g. identical norm weights)
-    private = {h: k for k, t in model.state_dict().items()
-               if k.startswith(f"{prefix}.") and int(k[len(prefix) + 1:].split(".")[0]) in spec.removed and (h := state_hash({"": t})) not in shared}
+    removed = {k: t for k, t in model.state_dict().items() if k.startswith(f"{prefix}.") and int(k[len(prefix) + 1:].split(".")[0]) in spec.removed}
+    private: dict[torch.dtype, dict[str, str]] = {}  # per payload dtype (a bf16 payload is compared with the removed layers rounded to bf16)
+    for dtype in {t.dtype for t in weights.values()}:
+        shared = {state_hash({"": t.to(dtype)}) for t in cut.values()}  # contents the emulator legitimately holds (e.g. identical norm weights)
+        private[dtype] = {h: k for k, t in removed.items() if (h := state_hash({"": t.to(dtype)})) not in shared}
     for key, tensor in weights.items():
-        leaked = private.get(state_hash({"": tensor}))
+        leaked = private[tensor.dtype].get(state_hash({"": tensor}))
         if leaked:
             raise PrivacyError(f"emulator tensor {key!r} holds the weights of removed layer tensor {leaked!r}")
     check_payload_files(files)
@@ -113,13 +115,20 @@ def save_emulator(
     source_id: str,
     similarity: torch.Tensor | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    weights_dtype: str = "fp32",
+    compute_dtype: str = "fp32",
 ) -> Path:
     """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring).
     ``weights``: the emulator's own weights when they changed after the cut (FedBiOT's
-    alignment, see :func:`fed_crash.core.emulator.emulator_weights`); else cut from ``model``."""
+    alignment, see :func:`fed_crash.core.emulator.emulator_weights`); else cut from ``model``.
+    ``weights_dtype`` ``bf16`` stores the frozen weights rounded to bf16 (half the bytes to send;
+    the adapters file stays in the model's dtype); ``compute_dtype`` records the dtype the
+    server's CKA or search ran in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = emulator_state(model, spec) if weights is None else weights
+    if weights_dtype == "bf16":
+        weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
     save_tensors(out / WEIGHTS, weights)
     save_tensors(out / ADAPTERS, adapter_state(model, spec), {"spec": spec.to_dict(), "source_id": source_id})
     model.config.save_pretrained(out)
@@ -133,6 +142,8 @@ def save_emulator(
         "source": {"model_id": source_id, "sha256": state_hash(model.state_dict())},
         # Content hash of the emulator's tensors: checked on arrival, whatever the serialisation.
         "weights_sha256": state_hash(weights),
+        "weights_dtype": weights_dtype,
+        "compute_dtype": compute_dtype,
         "clusters": [list(c) for c in spec.clusters],
         "similarity": similarity.tolist() if similarity is not None else None,
     }

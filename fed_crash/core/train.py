@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from fed_crash.config import TrainConfig
 from fed_crash.core.data import IGNORE, Tokenized, batches
 from fed_crash.core.emulator import Emulator
+from fed_crash.core.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,18 @@ def sequence_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
 
 @torch.no_grad()
 def evaluate(
-    model: PreTrainedModel, examples: Sequence[Tokenized], pad_id: int, *, batch_size: int = 8, progress: bool = True, desc: str = "eval"
+    model: PreTrainedModel, examples: Sequence[Tokenized], pad_id: int, *, batch_size: int = 8, progress: bool = True, desc: str = "eval",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Held-out loss (mean over response tokens) and perplexity."""
+    """Held-out loss (mean over response tokens) and perplexity; forward passes in ``dtype``
+    (:mod:`fed_crash.core.precision`), the loss summed in fp32."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
+    device = next(model.parameters()).device
     for batch in tqdm(list(batches(examples, batch_size, pad_id)), desc=desc, disable=not progress, leave=False):
-        loss, n = response_loss(model, batch)
+        with autocast(dtype, device):
+            loss, n = response_loss(model, batch)
         total, tokens = total + float(loss), tokens + n
     model.train(was_training)
     mean = total / max(tokens, 1)
@@ -148,14 +153,18 @@ class Training:
         return {k: v for k, v in asdict(self).items() if k != "lora_factors"}
 
 
-def _step(model, batch: dict, params: list, optimizer, grad_clip: float, extra_loss: Callable[[], torch.Tensor] | None) -> tuple[float, int]:
+def _step(model, batch: dict, params: list, optimizer, grad_clip: float, extra_loss: Callable[[], torch.Tensor] | None,
+          dtype: torch.dtype) -> tuple[float, int]:
     """One optimizer step on ``batch``: the mean response-token loss (plus ``extra_loss``),
-    gradients clipped to ``grad_clip`` when > 0. Returns the batch's mean loss (without the
-    extra term) and its labelled tokens."""
-    loss_sum, n = response_loss(model, batch)
-    loss = loss_sum / max(n, 1)
-    if extra_loss is not None:
-        loss = loss + extra_loss()
+    gradients clipped to ``grad_clip`` when > 0. The forward pass and loss run in ``dtype``
+    (autocast), the backward pass outside it, as torch.autocast asks; parameters, gradients and
+    AdamW's state stay fp32. Returns the batch's mean loss (without the extra term) and its
+    labelled tokens."""
+    with autocast(dtype, params[0].device):
+        loss_sum, n = response_loss(model, batch)
+        loss = loss_sum / max(n, 1)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -185,6 +194,7 @@ def train_adapters(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Training:
     """Train the adapter layers of ``emulator`` in place; the middle stays frozen.
 
@@ -194,6 +204,7 @@ def train_adapters(
     ``extra_loss`` is added to every step's loss (e.g. a proximal term in federated training).
     ``on_step`` is called with the step count after every optimizer step (fault injection
     raises from it: :func:`fed_crash.federation.faults.crash_midway`).
+    ``dtype``: the compute dtype of forward passes (:func:`fed_crash.core.precision.compute_dtype`).
     """
     if not examples:
         raise ValueError("no training examples")
@@ -210,7 +221,7 @@ def train_adapters(
     while step < steps:
         for batch in batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
             step_start = time.perf_counter()
-            loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss)
+            loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss, dtype)
             schedule.step()
             losses.append(loss)
             step_times.append(time.perf_counter() - step_start)

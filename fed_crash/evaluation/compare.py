@@ -21,6 +21,8 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 from typing import Sequence
 
 from fed_crash.config import DataConfig, EmulatorConfig, TrainConfig
@@ -64,6 +66,7 @@ class Inputs:
     calibration: list
     data: DataConfig
     progress: bool
+    dtype: torch.dtype
     similarity: dict = field(default_factory=dict)  # pooling settings -> (matrix, seconds)
     probe: tuple | None = None  # (probe, seconds)
 
@@ -75,18 +78,19 @@ class Inputs:
             key = (cfg.pooling, cfg.skip_first, cfg.outlier_norm)
             if key not in self.similarity:
                 start = time.perf_counter()
-                matrix = layer_similarity(self.model, self.tokenizer, self.calibration, self.data, cfg, progress=self.progress)
+                matrix = layer_similarity(self.model, self.tokenizer, self.calibration, self.data, cfg, progress=self.progress, dtype=self.dtype)
                 self.similarity[key] = (matrix, time.perf_counter() - start)
             similarity, seconds = self.similarity[key]
             charged += seconds
         if chosen.needs_probe:
             if self.probe is None:
                 start = time.perf_counter()
-                self.probe = (search_probe(self.model, self.tokenizer, self.calibration, self.data, cfg), time.perf_counter() - start)
+                self.probe = (search_probe(self.model, self.tokenizer, self.calibration, self.data, cfg, self.dtype), time.perf_counter() - start)
             probe, seconds = self.probe
             charged += seconds
         start = time.perf_counter()
-        spec, _ = plan_emulator(self.model, self.tokenizer, self.calibration, self.data, cfg, progress=False, similarity=similarity, probe=probe)
+        spec, _ = plan_emulator(self.model, self.tokenizer, self.calibration, self.data, cfg, progress=False, similarity=similarity, probe=probe,
+                                 dtype=self.dtype)
         return spec, time.perf_counter() - start + charged
 
 
@@ -107,6 +111,7 @@ def compare_emulators(
     cache_dir: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
     """One row per (budget, sharing, method): kept layers, depth, build seconds, zero-shot
     held-out loss and, at ``tune_budget`` (0 = none) and the sharing settings in ``tune_shares``,
@@ -126,8 +131,8 @@ def compare_emulators(
     held_out = tokenize(parts["eval"], tokenizer, max_length=data.max_length, template=data.template)
     untuned = adapter_state(model, make_spec("uniform", len(get_layers(model)), bottom=emu.bottom, top=emu.top, keep=1))
     measure = Measure(model, untuned, held_out, tokenize(parts["train"], tokenizer, max_length=data.max_length, template=data.template),
-                      pad_id(tokenizer), train, progress)
-    inputs = Inputs(model, tokenizer, parts["calibration"], data, progress)
+                      pad_id(tokenizer), train, progress, dtype)
+    inputs = Inputs(model, tokenizer, parts["calibration"], data, progress, dtype)
     results, specs = [], []
 
     def save() -> None:
@@ -166,14 +171,15 @@ class Measure:
     """Held-out losses of an emulator (zero-shot, and tuned with its plug-in); methods often
     agree, so an emulator already measured (same layer sequence) is not measured again."""
 
-    def __init__(self, model, untuned: dict, held_out, train_set, pad: int, train: TrainConfig, progress: bool) -> None:
+    def __init__(self, model, untuned: dict, held_out, train_set, pad: int, train: TrainConfig, progress: bool, dtype: torch.dtype) -> None:
         self.model, self.held_out, self.train_set, self.pad, self.train, self.progress = model, held_out, train_set, pad, train, progress
+        self.dtype = dtype
         self.untuned = {k: v.clone() for k, v in untuned.items()}
         self.full_loss = self.score(model, "full model")
         self.measured: dict[tuple, dict] = {}
 
     def score(self, m, name: str) -> float:
-        return evaluate(m, self.held_out, self.pad, batch_size=8, progress=self.progress, desc=name)["loss"]
+        return evaluate(m, self.held_out, self.pad, batch_size=8, progress=self.progress, desc=name, dtype=self.dtype)["loss"]
 
     def __call__(self, spec, *, tune: bool) -> dict:
         sequence = layer_sequence(spec)
@@ -183,7 +189,7 @@ class Measure:
         name = f"{spec.method} k={len(spec.kept)} share={spec.share}"
         scores = {"emulator_loss": self.score(emulator.model, name)}
         if tune:
-            report = train_adapters(emulator, self.train_set, self.pad, self.train, progress=self.progress)
+            report = train_adapters(emulator, self.train_set, self.pad, self.train, progress=self.progress, dtype=self.dtype)
             scores["emulator_tuned_loss"] = self.score(emulator.model, name + " tuned")
             plug_in(self.model, emulator.adapter_state())
             scores["plugin_loss"] = self.score(self.model, name + " plug-in")

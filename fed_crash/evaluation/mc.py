@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, is_local_file, pad_id, read_jsonl
 from fed_crash.core.hub import datasets_hub_unreachable
 from fed_crash.core.models import get_layers
+from fed_crash.core.precision import autocast
 from fed_crash.core.train import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def plan_batches(encoded: Sequence[Encoded], batch_size: int, *, cached: bool) -
 @torch.no_grad()
 def score_mc(
     model, tokenizer, rows: Sequence[dict], *, batch_size: int = 16, max_length: int = 2048,
-    progress: bool = False, prefix_cache: bool | None = None, desc: str = "multiple choice",
+    progress: bool = False, prefix_cache: bool | None = None, desc: str = "multiple choice", dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """``acc``, ``acc_norm`` and ``acc_bytes`` of ``model`` on ``{query, choices, gold}`` rows.
 
@@ -320,7 +321,8 @@ def score_mc(
     context runs once and its KV cache serves all choices; on the full path every
     context+choice sequence runs whole. Both give the same sums; the cached path computes
     fewer positions on every task (:func:`_padded_tokens`), so it is the default wherever
-    :func:`supports_prefix_cache` allows it. ``prefix_cache`` forces one path.
+    :func:`supports_prefix_cache` allows it. ``prefix_cache`` forces one path. Forward passes
+    run in ``dtype`` (:mod:`fed_crash.core.precision`); log-likelihoods are summed in fp32.
     """
     start = time.perf_counter()
     was_training = model.training
@@ -339,11 +341,12 @@ def score_mc(
     groups = plan_batches(encoded, batch_size, cached=use_cache)
     sums: dict[int, list[float]] = {}
     for group in tqdm(groups, desc=desc, disable=not progress, leave=False):
-        if use_cache:
-            flat = _cached_scores(model, [encoded[i] for i in group], pad, device)
-        else:
-            examples = [Tokenized(encoded[i][0] + c, [IGNORE] * len(encoded[i][0]) + c) for i in group for c in encoded[i][1]]
-            flat = sequence_logprobs(model, collate(examples, pad)).tolist()
+        with autocast(dtype, device):
+            if use_cache:
+                flat = _cached_scores(model, [encoded[i] for i in group], pad, device)
+            else:
+                examples = [Tokenized(encoded[i][0] + c, [IGNORE] * len(encoded[i][0]) + c) for i in group for c in encoded[i][1]]
+                flat = sequence_logprobs(model, collate(examples, pad)).tolist()
         for i in group:
             k = len(encoded[i][1])
             sums[i], flat = flat[:k], flat[k:]

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fed_crash.core.precision import dtype_name
 from fed_crash.core.artifacts import ArtifactError, load_adapters, load_emulator
 from fed_crash.config import DataConfig, EvalConfig, to_dict
 from fed_crash.core.data import format_prompt, load_instructions, pad_id, split_rows, tokenize
@@ -88,19 +89,19 @@ def generate(model, tokenizer, rows: Sequence[dict[str, str]], data: DataConfig,
 
 def evaluate_model(
     model, tokenizer, tasks: Sequence[McTask], instruct: Sequence[dict[str, str]], data: DataConfig, cfg: EvalConfig,
-    *, out: Path | None = None, name: str = "model", progress: bool = True,
+    *, out: Path | None = None, name: str = "model", progress: bool = True, dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Multiple-choice scores per task, and held-out loss / perplexity / ROUGE-L on ``instruct``.
     Greedy answers go to ``out/generations-<name>.jsonl`` with their references."""
     result: dict = {"tasks": {}}
     for task in tasks:
         result["tasks"][task.name] = score_mc(model, tokenizer, task.rows, batch_size=cfg.batch_size, progress=progress,
-                                              desc=f"{name}: {task.name}")
+                                              desc=f"{name}: {task.name}", dtype=dtype)
         log.info("%s %s: %s", name, task.name, _fmt(result["tasks"][task.name]))
     if instruct:
         start = time.perf_counter()
         examples = tokenize(instruct, tokenizer, max_length=data.max_length, template=data.template)
-        result["instruct"] = evaluate(model, examples, pad_id(tokenizer), batch_size=cfg.batch_size, progress=progress, desc=f"{name}: loss")
+        result["instruct"] = evaluate(model, examples, pad_id(tokenizer), batch_size=cfg.batch_size, progress=progress, desc=f"{name}: loss", dtype=dtype)
         if cfg.generate:
             refs = instruct[: cfg.generate]
             answers = generate(model, tokenizer, refs, data, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress)
@@ -142,6 +143,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 def four_model_report(
     model_source: str, emulator_folder: str | Path, adapters: str | Path, tasks: Sequence[McTask], data: DataConfig, cfg: EvalConfig,
     out: str | Path, *, cache_dir: str | None = None, device: str | None = None, progress: bool = True, full_from: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Full zero-shot, emulator zero-shot (its initial adapters), emulator fine-tuned (``adapters``)
     and plug-in (``adapters`` in the full model), on the same tasks and held-out rows.
@@ -160,13 +162,13 @@ def four_model_report(
     results = {}
 
     def run(name: str, model) -> None:
-        results[name] = evaluate_model(model, loaded.tokenizer, tasks, instruct, data, cfg, out=out, name=name, progress=progress)
+        results[name] = evaluate_model(model, loaded.tokenizer, tasks, instruct, data, cfg, out=out, name=name, progress=progress, dtype=dtype)
 
     task_info = {t.name: {"source": t.source, "n": len(t.rows)} for t in tasks}
     if full_from:
         earlier = json.loads(Path(full_from).read_text())
         same = (earlier["model"], earlier["tasks"], earlier["instruct_examples"]) == (loaded.model_id, task_info, len(instruct))
-        if not same or earlier.get("config", _config(data, cfg)) != _config(data, cfg):  # older reports do not record it
+        if not same or earlier.get("config", _config(data, cfg, dtype)) != _config(data, cfg, dtype):  # older reports do not record it
             raise ArtifactError(f"{full_from} scored another model, task sample or held-out set; its full zero-shot scores cannot be reused")
         results["full_zero_shot"] = earlier["models"]["full_zero_shot"]
     else:
@@ -178,7 +180,7 @@ def four_model_report(
     run("plug_in", loaded.model)
     report = {
         "models": results, "model": loaded.model_id, "emulator": str(emulator_folder), "adapters": str(adapters),
-        "spec": manifest["spec"], "tasks": task_info, "instruct_examples": len(instruct), "config": _config(data, cfg),
+        "spec": manifest["spec"], "tasks": task_info, "instruct_examples": len(instruct), "config": _config(data, cfg, dtype),
         "full_from": str(full_from) if full_from else None, "seconds": time.perf_counter() - start,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -187,9 +189,9 @@ def four_model_report(
     return report
 
 
-def _config(data: DataConfig, cfg: EvalConfig) -> dict:
-    """What decides the scores besides the model: the sample, the held-out rows, the lengths."""
-    return {"data": to_dict(data), "eval": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"}}
+def _config(data: DataConfig, cfg: EvalConfig, dtype: torch.dtype) -> dict:
+    """What decides the scores besides the model: the sample, the held-out rows, the lengths, the compute dtype."""
+    return {"data": to_dict(data), "eval": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"}, "compute_dtype": dtype_name(dtype)}
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from fed_crash.core.artifacts import WEIGHTS, load_emulator, save_tensors
 from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
 from fed_crash.core.emulator import Emulator
 from fed_crash.core.models import resolve_device
+from fed_crash.core.precision import compute_dtype
 from fed_crash.core.train import proximal_term, train_adapters
 from fed_crash.federation import protocol as P
 from fed_crash.federation.context import run_config
@@ -127,13 +128,14 @@ def train(msg: Message, context: Context) -> Message:
     folder = emulator_folder(context, request.emulator_sha256)
     if not (folder / WEIGHTS).is_file():
         log.warning("node %d lacks emulator %s (its cache was cleared?): asking for it again", context.node_id, request.emulator_sha256[:16])
-        return P.emulator_missing_reply(msg, request.adapters)
+        return P.emulator_missing_reply(msg, request.adapters, request.wire_dtype)
     clock = time.perf_counter()
     if str(folder) not in _EMULATORS:
         _EMULATORS[str(folder)] = load_emulator(folder, request.adapters)[:2]  # checks the content hash
     emulator, tokenizer = _EMULATORS[str(folder)]
     emulator.load_adapters(request.adapters)
-    emulator.model.to(resolve_device("auto"))  # CUDA when Ray gave this actor a GPU
+    device = resolve_device("auto")  # CUDA when Ray gave this actor a GPU
+    emulator.model.to(device)
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
     examples = _shard(cfg, context, tokenizer, request.shard_sha256)
     prepared = time.perf_counter() - clock
@@ -147,7 +149,8 @@ def train(msg: Message, context: Context) -> Message:
     coefficient = request.proximal_mu / 2 + cfg.fed.fedbiot_lambda
     extra = proximal_term(emulator.trainable_parameters(), coefficient) if coefficient > 0 else None
     on_step = crash_midway(max(1, train_cfg.steps // 2), pid, request.server_round) if fault == "crash" else None
-    stats = train_adapters(emulator, examples, pad_id(tokenizer), train_cfg, extra_loss=extra, progress=cfg.fed.progress, on_step=on_step)
+    stats = train_adapters(emulator, examples, pad_id(tokenizer), train_cfg, extra_loss=extra, progress=cfg.fed.progress, on_step=on_step,
+                           dtype=compute_dtype(cfg.compute.compute_dtype, device))
     metrics = {
         P.NUM_EXAMPLES: len(examples), "train-loss": stats.train_loss, "first-loss": stats.first_loss, "tokens": stats.tokens,
         "steps": stats.steps, "seconds": stats.seconds, "step-seconds": stats.step_seconds, "delivery-seconds": delivery,
@@ -163,7 +166,7 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "bad-update":
         trained = corrupt_update(cfg.faults.bad_update, trained, request.adapters, scale=cfg.faults.bad_update_scale,
                                  seed=plan.seed_for(pid, request.server_round))
-    return P.train_reply(msg, trained, attack_metrics(cfg.faults, pid, metrics))
+    return P.train_reply(msg, trained, attack_metrics(cfg.faults, pid, metrics), request.wire_dtype)
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -17,6 +17,11 @@ Three exchanges, each a request from the server and one reply per node:
   update's factors) and one MetricRecord; a node whose cache lost the emulator replies with the
   adapters it was sent and ``emulator-missing = 1`` instead of training.
 
+**Wire dtype** (run config ``wire-dtype``): in ``bf16`` the emulator's weights and the adapters
+in both directions travel rounded to bf16, as their uint16 bit patterns (Flower's arrays are
+numpy, which has no bf16): :func:`to_wire` and :func:`from_wire` are the only two places that
+know it. Both sides decode adapters to fp32 on arrival and compute on fp32 copies.
+
 The server never trusts a reply: :func:`check_train_reply` decides what may reach the aggregate.
 """
 
@@ -28,9 +33,11 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fed_crash.config import WIRE_DTYPES
 from fed_crash.core.artifacts import MANIFEST, ArtifactError, check_payload_files, parse_manifest
 from fed_crash.core.models import state_hash
 from fed_crash.core.train import LORA_U, LORA_V
@@ -55,6 +62,7 @@ NUM_PARTITIONS = "num-partitions"
 EMULATOR_SHA256 = "emulator-sha256"  # content hash of everything an emulator request holds (:func:`payload_sha256`)
 SHARD_SHA256 = "shard-sha256"  # train config, split folders only: the sha256 the server holds for this node's shard file
 SHARD_FILE = "shard-file"  # node config, split folders only: the SuperNode's own shard file
+WIRE_DTYPE = "wire-dtype"  # train config: "fp32" or "bf16", how the adapters travel (both ways)
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 CLIPPING_NORM = KEY_CLIPPING_NORM  # set by Flower's DP wrapper, read by its fixedclipping_mod
@@ -179,6 +187,34 @@ def read_partition_reply(content: RecordDict) -> tuple[int, int]:
 # --------------------------------------------------------------------------- emulator
 
 
+# --------------------------------------------------------------------------- wire dtype
+
+
+def to_wire(tensors: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
+    """An ArrayRecord of ``tensors``: as they are in ``fp32`` (bf16 ones too, as bit patterns);
+    in ``bf16`` every floating tensor rounded to bf16. bf16 tensors travel as their uint16 bit
+    patterns, which :func:`from_wire` turns back into the same bf16 values."""
+    def encode(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().to("cpu")
+        if wire_dtype == "bf16" and tensor.is_floating_point():
+            tensor = tensor.to(torch.bfloat16)
+        return tensor.contiguous().view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor
+
+    return ArrayRecord({key: encode(tensor) for key, tensor in tensors.items()})
+
+
+def from_wire(record: ArrayRecord, wire_dtype: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a record :func:`to_wire` made: in ``bf16`` uint16 arrays are bf16 bit
+    patterns (no model tensor is uint16); ``dtype``: floating tensors cast to it (adapters:
+    fp32), else kept as they travelled (the emulator: its content hash is of the bf16 values)."""
+    tensors = record.to_torch_state_dict()
+    if wire_dtype == "bf16":
+        tensors = {k: v.view(torch.bfloat16) if v.dtype == torch.uint16 else v for k, v in tensors.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors
+
+
 MAX_PAYLOAD_FILES = 32  # an emulator request's small files (manifest, config, tokenizer) ...
 MAX_PAYLOAD_FILE_BYTES = 64 * 2**20  # ... each at most this large (Gemma-3's tokenizer.json is 33 MB)
 
@@ -225,7 +261,7 @@ def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], 
     if MANIFEST not in files:
         raise ProtocolError(f"emulator request: no {MANIFEST} among the files {sorted(files)}")
     manifest = parse_manifest(files[MANIFEST], "received emulator manifest")
-    weights = content[EMULATOR_WEIGHTS].to_torch_state_dict()
+    weights = from_wire(content[EMULATOR_WEIGHTS], manifest.get("weights_dtype", "fp32"))
     if state_hash(weights) != manifest["weights_sha256"]:
         raise ProtocolError(f"the emulator received does not match its manifest's weights_sha256 {manifest['weights_sha256'][:16]} "
                             "(corrupted or replaced in transit); nothing was stored")
@@ -255,11 +291,12 @@ class TrainRequest:
     shard_sha256: str  # "" unless the run reads a split folder
     proximal_mu: float
     clipping_norm: float | None  # DP on: Flower's fixedclipping_mod clips the reply to it
+    wire_dtype: str = "fp32"  # how the adapters travelled, and how the reply must travel
 
 
-def train_config(emulator_sha256: str) -> dict:
-    """What the server adds to every round's train config: which emulator to train on."""
-    return {EMULATOR_SHA256: emulator_sha256}
+def train_config(emulator_sha256: str, wire_dtype: str = "fp32") -> dict:
+    """What the server adds to every round's train config: which emulator to train on, and the wire dtype."""
+    return {EMULATOR_SHA256: emulator_sha256, WIRE_DTYPE: wire_dtype}
 
 
 def read_train_request(content: RecordDict) -> TrainRequest:
@@ -268,19 +305,21 @@ def read_train_request(content: RecordDict) -> TrainRequest:
     config = content[CONFIG]
     if not isinstance(config.get(SERVER_ROUND), int) or not isinstance(config.get(EMULATOR_SHA256), str):
         raise ProtocolError(f"train message: config needs integer {SERVER_ROUND!r} and string {EMULATOR_SHA256!r}, got {dict(config)}")
-    norm = config.get(CLIPPING_NORM)
-    return TrainRequest(content[ARRAYS].to_torch_state_dict(), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]), str(config.get(SHARD_SHA256, "")),
-                        float(config.get(PROXIMAL_MU, 0.0)), float(norm) if norm is not None else None)
+    norm, wire = config.get(CLIPPING_NORM), config.get(WIRE_DTYPE, "fp32")
+    if wire not in WIRE_DTYPES:
+        raise ProtocolError(f"train message: {WIRE_DTYPE!r} must be one of {list(WIRE_DTYPES)}, got {wire!r}")
+    return TrainRequest(from_wire(content[ARRAYS], wire, torch.float32), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]),
+                        str(config.get(SHARD_SHA256, "")), float(config.get(PROXIMAL_MU, 0.0)), float(norm) if norm is not None else None, wire)
 
 
-def train_reply(msg: Message, arrays: dict, metrics: dict) -> Message:
-    return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)}), reply_to=msg)
+def train_reply(msg: Message, arrays: dict, metrics: dict, wire_dtype: str = "fp32") -> Message:
+    return Message(RecordDict({ARRAYS: to_wire(arrays, wire_dtype), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def emulator_missing_reply(msg: Message, sent: dict) -> Message:
+def emulator_missing_reply(msg: Message, sent: dict, wire_dtype: str = "fp32") -> Message:
     """A node without the emulator answers with the adapters it was sent (so Flower's clipping
     mod, which checks the reply's keys, passes it through) and no training."""
-    return train_reply(msg, sent, {EMULATOR_MISSING: 1})
+    return train_reply(msg, sent, {EMULATOR_MISSING: 1}, wire_dtype)
 
 
 def lacks_emulator(content: RecordDict) -> bool:

@@ -32,7 +32,8 @@ from fed_crash.config import ConfigError, FederationConfig, RunConfig, resolve_p
 from fed_crash.core.artifacts import MANIFEST, WEIGHTS, ArtifactError, check_cut, check_private, load_emulator, save_adapters, save_emulator
 from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
 from fed_crash.core.emulator import AdapterError, EmulatorSpec, adapter_state, build_emulator, check_adapters, emulator_weights, plug_in
-from fed_crash.core.models import LoadedModel, default_cache_dir, state_hash
+from fed_crash.core.models import LoadedModel, default_cache_dir, resolve_device, state_hash
+from fed_crash.core.precision import compute_dtype, dtype_name
 from fed_crash.core.plots import figure
 from fed_crash.core.train import evaluate
 from fed_crash.errors import FedCrashError
@@ -95,6 +96,7 @@ class Run:
     client_pool: list[dict[str, str]]
     mc_rows: list[dict]
     laps: Laps  # started before the data was read
+    dtype: torch.dtype  # the server's compute dtype (compute-dtype resolved for its device)
     split: Split | None = None  # the split folder (shards), when the run reads one
     created: bool = False  # this start created the folder (write_run): it removes it if it fails before round 1 is saved
 
@@ -131,7 +133,8 @@ def open_run(cfg: RunConfig) -> Run:
              server_and_client_rows(load_instructions(source, skip_malformed=cfg.data.skip_malformed), cfg.fed, cfg.data, calibration_slice(cfg)))
     if public_rows_needed(cfg) and cfg.fed.calib_data:
         parts["calibration"] = calibration_rows(data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
-    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps, split=split)
+    dtype = compute_dtype(cfg.compute.compute_dtype, resolve_device("auto"))
+    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps, dtype, split=split)
     run.laps.mark("data")
     return run
 
@@ -142,7 +145,8 @@ def plan_or_resume(run: Run, loaded: LoadedModel) -> tuple[EmulatorSpec, torch.T
     cfg, checkpoint, model = run.cfg, run.checkpoint, loaded.model
     if checkpoint is None:
         cache = Path(cfg.fed.cache_dir) if cfg.fed.cache_dir else default_cache_dir()
-        spec, similarity = plan_emulator(model, loaded.tokenizer, run.calibration, cfg.data, cfg.emulator, progress=cfg.fed.progress, cache=cache)
+        spec, similarity = plan_emulator(model, loaded.tokenizer, run.calibration, cfg.data, cfg.emulator, progress=cfg.fed.progress, cache=cache,
+                                         dtype=run.dtype)
     else:
         source, now = checkpoint.manifest["source"]["sha256"], state_hash(model.state_dict())
         if source != now:
@@ -213,9 +217,9 @@ def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPaylo
     if Path(source).expanduser().is_absolute() or source.startswith("."):  # a path on the server, not a hub name
         manifest["source"]["model_id"] = Path(source).name
     files[MANIFEST] = json.dumps(manifest, indent=1).encode()
-    weights = load_file(str(folder / WEIGHTS))
+    weights = load_file(str(folder / WEIGHTS))  # in the run's wire dtype (write_run)
     check_private(weights, files, model, spec)
-    return P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), P.payload_sha256(weights, files))
+    return P.EmulatorPayload(P.to_wire(weights, manifest.get("weights_dtype", "fp32")), ConfigRecord(files), P.payload_sha256(weights, files))
 
 
 def write_run(run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: torch.Tensor | None) -> Path:
@@ -231,8 +235,10 @@ def write_run(run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: tor
     except FileExistsError:
         raise ConfigError(f"run folder {run.folder} was claimed by another start of run-name {run.cfg.fed.run_name!r} meanwhile") from None
     run.created = True
-    (run.folder / "config.json").write_text(json.dumps({**run.cfg.to_dict(), "data_source": run.source, "model_id": loaded.model_id}, indent=1))
-    folder = save_emulator(run.folder / "emulator", loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
+    (run.folder / "config.json").write_text(json.dumps({**run.cfg.to_dict(), "data_source": run.source, "model_id": loaded.model_id,
+                                                       "server_compute_dtype": dtype_name(run.dtype)}, indent=1))
+    folder = save_emulator(run.folder / "emulator", loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity,
+                           weights_dtype=run.cfg.fed.wire_dtype, compute_dtype=dtype_name(run.dtype))
     (run.folder / "adapters").mkdir()
     return folder
 
@@ -299,11 +305,12 @@ class RoundEvaluator:
         cfg, model = self.cfg, self.loaded.model
         plug_in(model, adapters)
         self.emulator.load_adapters(adapters)
-        plugin = evaluate(model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="plug-in")
-        emu = evaluate(self.emulator.model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="emulator")
+        dtype = self.run.dtype
+        plugin = evaluate(model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="plug-in", dtype=dtype)
+        emu = evaluate(self.emulator.model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="emulator", dtype=dtype)
         server = {"plugin_loss": plugin["loss"], "plugin_ppl": plugin["ppl"], "emulator_loss": emu["loss"], "emulator_ppl": emu["ppl"]}
         if self.run.mc_rows:
-            mc = score_mc(model, self.loaded.tokenizer, self.run.mc_rows, batch_size=cfg.fed.eval_batch_size * 4)
+            mc = score_mc(model, self.loaded.tokenizer, self.run.mc_rows, batch_size=cfg.fed.eval_batch_size * 4, dtype=dtype)
             server.update({f"plugin_{k}": mc[k] for k in ("acc", "acc_norm", "acc_bytes")})
         return server
 
@@ -314,7 +321,8 @@ class RoundEvaluator:
         stats = align_emulator(self.emulator, model, self.public, self.pad, steps=cfg.fed.fedbiot_align_steps, lr=cfg.fed.fedbiot_align_lr,
                                batch_size=cfg.train.batch_size, seed=cfg.data.seed + server_round)
         self.emulator_folder = save_emulator(self.run.folder / f"emulator-round-{server_round}", model, self.loaded.tokenizer, self.spec,
-                                             source_id=self.loaded.model_id, similarity=self.similarity, weights=emulator_weights(self.emulator))
+                                             source_id=self.loaded.model_id, similarity=self.similarity, weights=emulator_weights(self.emulator),
+                                             weights_dtype=cfg.fed.wire_dtype, compute_dtype=dtype_name(self.run.dtype))
         self.strategy.set_emulator(emulator_payload(self.emulator_folder, model, self.spec))
         return stats
 

@@ -18,6 +18,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fed_crash.core.precision import autocast
 from fed_crash.core.models import get_layers
 from fed_crash.core.plots import figure
 
@@ -86,12 +87,14 @@ def layer_features(
     skip_first: int = 0,
     outlier: float = 0.0,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """Pooled output of every decoder layer (embedding output excluded), one (samples, hidden)
     float32 CPU matrix per layer. Read with forward hooks so that no architecture's own
     ``hidden_states`` conventions (e.g. the final norm folded into the last entry) leak in.
     The forward runs through the decoder only: the LM head (a third of SmolLM2's forward cost)
-    produces nothing CKA needs, so CRaSh's clustering costs little more than one forward pass."""
+    produces nothing CKA needs, so CRaSh's clustering costs little more than one forward pass.
+    ``dtype``: the forward passes' compute dtype (pooling is fp32)."""
     layers = get_layers(model)
     decoder = getattr(model, "base_model", model)
     device = next(model.parameters()).device
@@ -109,7 +112,8 @@ def layer_features(
     try:
         for batch in tqdm(list(batches), desc="layer features", disable=not progress):
             current["mask"] = batch["attention_mask"].to(device)
-            decoder(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False)
+            with autocast(dtype, device):
+                decoder(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

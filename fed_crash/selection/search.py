@@ -30,6 +30,7 @@ from torch import nn
 
 from fed_crash.core.data import IGNORE
 from fed_crash.core.emulator import EmulatorSpec, SpecError
+from fed_crash.core.precision import autocast
 from fed_crash.core.models import get_layers, set_layers
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,11 @@ class Probe:
     """Zero-shot divergence of emulators of ``model`` from the model itself on ``batches``
     (dicts of input_ids, attention_mask, labels; labels mark the response tokens scored)."""
 
-    def __init__(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], divergence: Divergence = "kl") -> None:
+    def __init__(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], divergence: Divergence = "kl",
+                 dtype: torch.dtype = torch.float32) -> None:
         if divergence not in ("kl", "mse"):
             raise SpecError(f"unknown divergence {divergence!r}; expected 'kl' or 'mse'")
-        self.model, self.divergence = model, divergence
+        self.model, self.divergence, self.dtype = model, divergence, dtype
         self.device = next(model.parameters()).device
         self.batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
         if not self.batches:
@@ -105,7 +107,8 @@ class Probe:
         """Log-probabilities (kl) or last hidden states (mse) at the scored positions, from the
         model's own forward (``hidden`` None) or from a final hidden state."""
         if hidden is None:
-            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+            with autocast(self.dtype, self.device):
+                hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         hidden = hidden[:, :-1][self._where(batch)].float()
         if self.divergence == "mse":
             return hidden
@@ -116,7 +119,7 @@ class Probe:
     def _run(self, sequence: tuple[int, ...], batch_index: int, start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The last hidden state of ``sequence`` run from position ``start`` on, and each run position's input."""
         batch = self.batches[batch_index]
-        with _run_as(self.model, sequence[start:], self.states[batch_index][start] if start else None) as inputs:
+        with _run_as(self.model, sequence[start:], self.states[batch_index][start] if start else None) as inputs, autocast(self.dtype, self.device):
             hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
         return hidden, inputs
 

@@ -25,6 +25,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="where de-quantized GGUF weights are cached (default: $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ... (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    C.add_arguments(parser, C.ComputeConfig)
+
+
+def _dtype(args: argparse.Namespace):
+    """The command's compute dtype: ``--compute-dtype`` resolved for ``--device``."""
+    from fed_crash.core.models import resolve_device
+    from fed_crash.core.precision import compute_dtype
+
+    return compute_dtype(C.from_args(C.ComputeConfig, args).compute_dtype, resolve_device(args.device))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             plug_in(model, load_adapters(args.adapters))
     out = Path(args.out)
     result = evaluate_model(model, tokenizer, tasks, held_out_rows(data, cfg.instruct_examples), data, cfg, out=out, name=name,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, dtype=_dtype(args))
     result.update(model=args.emulator or args.model, adapters=args.adapters, config={"data": C.to_dict(data), "eval": C.to_dict(cfg)})
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
@@ -227,7 +236,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     tasks, data, cfg = _eval_inputs(args)
     report = four_model_report(args.model, args.emulator, args.adapters, tasks, data, cfg, args.out, cache_dir=args.cache_dir,
-                               device=args.device, progress=not args.no_progress, full_from=args.full_from)
+                               device=args.device, progress=not args.no_progress, full_from=args.full_from, dtype=_dtype(args))
     print(markdown_table(report["models"]))
     print(f"wrote {Path(args.out) / 'report.json'} and report.md")
 
@@ -301,14 +310,17 @@ def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.E
 def cmd_emulator_build(args: argparse.Namespace) -> None:
     from fed_crash.core.artifacts import save_emulator
     from fed_crash.core.models import load_model
+    from fed_crash.core.precision import dtype_name
     from fed_crash.selection import needs_calibration
     from fed_crash.selection.plan import calibration_rows, plan_emulator
 
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args)
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
     calibration = calibration_rows(data.data, data, emu.calib_samples) if needs_calibration(emu.method) else []
-    spec, similarity = plan_emulator(loaded.model, loaded.tokenizer, calibration, data, emu, progress=not args.no_progress)
-    out = save_emulator(args.out, loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity)
+    dtype = _dtype(args)
+    spec, similarity = plan_emulator(loaded.model, loaded.tokenizer, calibration, data, emu, progress=not args.no_progress, dtype=dtype)
+    out = save_emulator(args.out, loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id, similarity=similarity,
+                        compute_dtype=dtype_name(dtype))
     print(spec.describe())
     if spec.clusters:
         print("clusters: " + " ".join("[" + ",".join(map(str, c)) + "]" for c in spec.clusters))
@@ -325,6 +337,7 @@ def cmd_emulator_compare(args: argparse.Namespace) -> None:
         shares=[s == "on" for s in args.share], eval_examples=args.compare_eval_examples, tune_budget=args.tune_budget,
         tune_shares=[s == "on" for s in args.tune_share],
         train_examples=args.train_examples, out_dir=args.out, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+        dtype=_dtype(args),
     )
     print(markdown(rows, json.loads((Path(args.out) / "compare.json").read_text())["full_loss"]))
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.json and compare.png")
@@ -366,7 +379,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     train = C.from_args(C.TrainConfig, args)  # shares --seed with the data split
     report = tune(
         args.model, C.from_args(C.DataConfig, args), _emulator_config(args), train, C.from_args(C.TuneSizes, args),
-        args.out, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+        args.out, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress, dtype=_dtype(args),
     )
     print(f"{'model':<22} {'loss':>8} {'ppl':>10}")
     for name in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"):
@@ -394,7 +407,7 @@ def cmd_similarity(args: argparse.Namespace) -> None:
     data, emu = C.from_args(C.DataConfig, args), _emulator_config(args, method="crash")
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
     rows = calibration_rows(data.data, data, emu.calib_samples)
-    spec, matrix = plan_emulator(loaded.model, loaded.tokenizer, rows, data, emu, progress=not args.no_progress)
+    spec, matrix = plan_emulator(loaded.model, loaded.tokenizer, rows, data, emu, progress=not args.no_progress, dtype=_dtype(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(loaded.model_id).name}: linear CKA, {emu.pooling} pooling, {len(rows)} samples"

@@ -27,7 +27,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = OffsiteStrategy(make_strategy(cfg.fed), seed=cfg.data.seed, min_available_nodes=cfg.fed.min_available_nodes,
                                min_train_nodes=cfg.fed.min_train_nodes, node_timeout=cfg.fed.node_timeout,
                                min_replies=cfg.fed.min_replies, max_update_norm=cfg.fed.max_update_norm,
-                               round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset)
+                               round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset,
+                               wire_dtype=cfg.fed.wire_dtype)
     nodes = strategy.connect(grid)
     strategy.shard_sizes, strategy.shard_sha256 = check_clients(run, strategy.num_partitions, len(nodes))  # replies' bounds, nodes' shard checks
     # ---- checks done: from here on the run writes to its folder (removed again if it fails before round 1 is saved)
@@ -44,5 +45,6 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.fed.round_timeout,
             train_config=ConfigRecord(),
             evaluate_fn=evaluate_fn,
+            evaluate_round_0_while_training=cfg.fed.fedbiot_align_steps == 0,  # FedBiOT aligns the emulator at round 0
         )
         finish(run, loaded, evaluate_fn, result.arrays, initial)

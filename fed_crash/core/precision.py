@@ -1,0 +1,62 @@
+"""The compute dtype: bf16 autocast where the hardware runs it natively, fp32 otherwise.
+
+Only forward passes (and the loss) run under :func:`autocast`; trainable weights, gradients,
+optimizer state, aggregation and everything written or exchanged stay fp32 (the wire format,
+:data:`fed_crash.federation.protocol.WIRE_DTYPES`, is a separate choice). On CPUs with
+AVX512-BF16 or AMX a training step is about 1.5x and a scoring pass about 1.9x faster in bf16
+(docs/benchmarks.md); on CPUs without them bf16 is emulated and slower, so ``auto`` stays fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+
+from fed_crash.config import COMPUTE_DTYPES
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or such a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto``: bf16 where :func:`bf16_native`, else fp32; ``bf16`` / ``fp32`` force one."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if bf16_native(torch.device(device)) else torch.float32
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bf16"`` or ``"fp32"`` (as configs, manifests and metrics write it)."""
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+@contextlib.contextmanager
+def autocast(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Forward passes inside run in ``dtype`` (torch.autocast); fp32 is a no-op."""
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        yield
