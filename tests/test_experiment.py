@@ -3,7 +3,9 @@ stand-in for ``flwr run``), and configs/smoke.toml for real on a tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,11 +96,17 @@ def test_runner_skips_finished_cells_retries_failed_ones_and_summarises(tmp_path
         if name in fail:  # a run that died after writing part of its folder
             (run_dir / "metrics.jsonl").write_text("")
             return FlowerRun(0, "7", "finished:failed", "boom", "output of a failed run")
-        assert kw["num_supernodes"] == 3 and "FED_CRASH_NODE_CACHE" in kw["env"]
+        assert kw["num_supernodes"] == 3 and kw["env"] == {"RAY_ADDRESS": "head:1"} and kw["keep_superlink"]  # the experiment's one federation
         (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(h) for h in fake_history(losses[name], 0.25)))
         return FlowerRun(0, "8", "finished:completed", "", "output")
 
+    @contextlib.contextmanager
+    def fake_ray_head(**kw):  # the runner's logic, not Ray: the smoke test below runs the real one
+        assert "FED_CRASH_NODE_CACHE" in kw["env"]
+        yield "head:1"
+
     monkeypatch.setattr("fed_crash.tools.launch.flwr_run", fake_flwr_run)
+    monkeypatch.setattr("fed_crash.tools.launch.ray_head", fake_ray_head)
     assert run_experiment(exp, flwr_home=tmp_path / "home") == {"fedavg_iid": "finished:completed", "fedavg_dir-0.1": "finished:failed"}
     summary = (exp.folder / "summary.md").read_text()
     # final loss 1.7, best round 1 (1.5), traffic (3+6) MB down and (1+2) MB up over the rounds
@@ -169,6 +177,9 @@ def test_smoke_experiment_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     assert set(moments) == {f"{m}/{k}" for m in ("m_t", "v_t") for k in adapters}
     assert not (exp.folder / "fedavg" / "adapters" / "round-2.optimizer.safetensors").exists()
     assert not list((tmp_path / "home" / "nodes").glob("*/node-*"))  # node caches removed after each cell
+    # one federation for the experiment: the first cell started the SuperLink, the others used it
+    starts = [(exp.folder / "logs" / f"{c}.log").read_text().count("Starting local SuperLink") for c in cells]
+    assert starts == [1, 0, 0] and len({re.search(r"Using SuperLink: local \((\S+)\)", (exp.folder / "logs" / f"{c}.log").read_text()).group(1) for c in cells}) == 1
 
     monkeypatch.setattr("fed_crash.tools.launch.flwr_run", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert run_experiment(exp, flwr_home=tmp_path / "home") == dict.fromkeys(cells, "skipped")

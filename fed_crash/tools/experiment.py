@@ -133,8 +133,7 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
     """Run every unfinished cell, then write the summary. Returns each cell's status. A cell
     that finished with another run config than the file gives it now is an error: skipping it
     would mix two experiments in one summary."""
-    from fed_crash.federation.checkpoint import CHECKPOINT
-    from fed_crash.tools.launch import flwr_run, free_port
+    from fed_crash.tools.launch import free_port, ray_head, stop_local_superlink
 
     folder = experiment.folder
     for cell in experiment.cells:
@@ -143,39 +142,60 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
             raise ConfigError(f"cell {cell.name!r} finished with another run config ({done}); "
                               "name the changed experiment differently or remove that cell's folder")
     (folder / "logs").mkdir(parents=True, exist_ok=True)
+    node_cache = flwr_home / "nodes" / experiment.config.name  # emptied after every cell: emulators are large, node ids new per run
+    port = free_port()  # the experiment's SuperLink: never one left answering on the default port by another run
     statuses: dict[str, str] = {}
-    for i, cell in enumerate(experiment.cells, 1):
-        run_dir = folder / cell.name
-        if (run_dir / CELL_FILE).is_file():
-            log.info("cell %d/%d %s: finished before, skipped", i, len(experiment.cells), cell.name)
+    # one federation for the whole experiment: a Ray head (with the dashboard) whose workers are
+    # the client actors of every cell, and one local SuperLink that runs the cells one by one
+    todo = [cell for cell in experiment.cells if not (folder / cell.name / CELL_FILE).is_file()]
+    for cell in experiment.cells:
+        if cell not in todo:
+            log.info("cell %s: finished before, skipped", cell.name)
             statuses[cell.name] = "skipped"
-            continue
-        resume = (run_dir / CHECKPOINT).is_file()  # an attempt stopped after a round: continue it
-        if run_dir.exists() and not resume:  # an attempt that stopped before its first round; its output is in logs/
-            shutil.rmtree(run_dir)
-        log.info("cell %d/%d %s: %s", i, len(experiment.cells), cell.name, "resuming from its checkpoint" if resume else "running")
-        node_cache = flwr_home / "nodes" / cell.name  # per cell, removed after it: emulators are large
-        start = time.perf_counter()
-        result = flwr_run(
-            {**cell.run_config, "run-name": cell.name, "results-dir": str(folder), **({"resume": True} if resume else {})},
-            num_supernodes=experiment.config.num_supernodes, cpus_per_client=experiment.config.cpus_per_client,
-            gpus_per_client=experiment.config.gpus_per_client, flwr_home=flwr_home, env={"FED_CRASH_NODE_CACHE": str(node_cache)},
-            port_base=free_port(),  # its own SuperLink: never one left answering on the default port by another run
-            timeout=experiment.config.timeout, echo=echo,
-        )
-        wall = time.perf_counter() - start
-        shutil.rmtree(node_cache, ignore_errors=True)
-        with (folder / "logs" / f"{cell.name}.log").open("a" if resume else "w") as log_file:
-            log_file.write(result.output)
-        statuses[cell.name] = result.status
-        if result.ok:
-            (run_dir / CELL_FILE).write_text(json.dumps({"status": result.status, "run_id": result.run_id, "wall_seconds": wall,
-                                                         "axes": cell.axes, "run_config": cell.run_config}, indent=1))
-            log.info("cell %s: %s in %.0fs", cell.name, result.status, wall)
-        else:
-            log.error("cell %s: %s %s (log: %s)", cell.name, result.status, result.details, folder / "logs" / f"{cell.name}.log")
+    if todo:
+        dashboard = free_port()
+        with ray_head(dashboard_port=dashboard, gcs_port=free_port(), env={"FED_CRASH_NODE_CACHE": str(node_cache)}) as address:
+            log.info("experiment %s: one Ray head for its %d cells to run, dashboard http://127.0.0.1:%d", experiment.config.name, len(todo), dashboard)
+            try:
+                for i, cell in enumerate(todo, 1):
+                    statuses[cell.name] = _run_cell(experiment, cell, f"{i}/{len(todo)}", flwr_home=flwr_home, port=port, ray_address=address, echo=echo)
+                    shutil.rmtree(node_cache, ignore_errors=True)
+            finally:
+                stop_local_superlink(flwr_home)
+    statuses = {cell.name: statuses[cell.name] for cell in experiment.cells}  # in the file's order
     write_summary(experiment)
     return statuses
+
+
+def _run_cell(experiment: Experiment, cell: Cell, counter: str, *, flwr_home: Path, port: int, ray_address: str, echo: bool) -> str:
+    """One unfinished cell as one ``flwr run`` on the experiment's SuperLink and Ray head,
+    resumed from its checkpoint when it stopped after a round. Returns its status."""
+    from fed_crash.federation.checkpoint import CHECKPOINT
+    from fed_crash.tools.launch import flwr_run
+
+    folder = experiment.folder
+    run_dir = folder / cell.name
+    resume = (run_dir / CHECKPOINT).is_file()  # an attempt stopped after a round: continue it
+    if run_dir.exists() and not resume:  # an attempt that stopped before its first round; its output is in logs/
+        shutil.rmtree(run_dir)
+    log.info("cell %s %s: %s", counter, cell.name, "resuming from its checkpoint" if resume else "running")
+    start = time.perf_counter()
+    result = flwr_run(
+        {**cell.run_config, "run-name": cell.name, "results-dir": str(folder), **({"resume": True} if resume else {})},
+        num_supernodes=experiment.config.num_supernodes, cpus_per_client=experiment.config.cpus_per_client,
+        gpus_per_client=experiment.config.gpus_per_client, flwr_home=flwr_home, env={"RAY_ADDRESS": ray_address},
+        port_base=port, timeout=experiment.config.timeout, echo=echo, keep_superlink=True,
+    )
+    wall = time.perf_counter() - start
+    with (folder / "logs" / f"{cell.name}.log").open("a" if resume else "w") as log_file:
+        log_file.write(result.output)
+    if result.ok:
+        (run_dir / CELL_FILE).write_text(json.dumps({"status": result.status, "run_id": result.run_id, "wall_seconds": wall,
+                                                     "axes": cell.axes, "run_config": cell.run_config}, indent=1))
+        log.info("cell %s: %s in %.0fs", cell.name, result.status, wall)
+    else:
+        log.error("cell %s: %s %s (log: %s)", cell.name, result.status, result.details, folder / "logs" / f"{cell.name}.log")
+    return result.status
 
 
 def _finished(experiment: Experiment) -> list[tuple[Cell, dict, list[dict]]]:

@@ -122,6 +122,7 @@ def flwr_run(
     echo: bool = False,
     connection: str | None = None,
     kill_when: Callable[[str], bool] | None = None,
+    keep_superlink: bool = False,
 ) -> FlowerRun:
     """``flwr run <app> [connection] --stream`` with overrides; returns the run's final status
     and output. Without ``connection`` it is a local simulation of ``num_supernodes`` nodes.
@@ -129,7 +130,9 @@ def flwr_run(
     simulations): a predicate on each output line; when it holds, the SuperLink and everything
     it started are killed (SIGKILL), as a crash would, and the status is ``killed`` (tests and
     scripts use it to interrupt a run and resume it; ``flwr stop`` only marks a simulation
-    stopped while its ServerApp runs on)."""
+    stopped while its ServerApp runs on). ``keep_superlink``: leave the local SuperLink running
+    for the next run with the same ``flwr_home`` and ports (experiments: one SuperLink for all
+    cells; the caller stops it with :func:`stop_local_superlink`)."""
     if kill_when is not None and connection:
         raise ValueError("kill_when kills a local simulation's processes; it cannot reach a deployment")
     check_run_config(run_config, app)
@@ -139,6 +142,7 @@ def flwr_run(
                             f"client-resources-num-gpus={gpus_per_client}")
     if "RAY_ADDRESS" not in full_env:
         clear_stale_ray_cluster()
+    result = None
     try:
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, run_id, killed = [], None, False
@@ -162,9 +166,13 @@ def flwr_run(
         returncode = proc.wait()
         output = "".join(lines)
         status, details = ("killed", "") if killed else run_status(run_id, full_env, connection) if run_id else ("not-started", "")
-        return FlowerRun(returncode, run_id, status, details, output)
-    finally:
-        stop_local_superlink(flwr_home)
+        result = FlowerRun(returncode, run_id, status, details, output)
+        return result
+    finally:  # a SuperLink is kept only after a run that ended by itself: one killed or timed out may have left its ServerApp running
+        if not keep_superlink or result is None or not result.status.startswith("finished"):
+            stop_local_superlink(flwr_home)
+
+
 
 
 def run_status(run_id: str, env: Mapping[str, str], connection: str | None = None) -> tuple[str, str]:
