@@ -60,3 +60,29 @@ def autocast(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
         yield
+
+
+@contextlib.contextmanager
+def linear_weights_in(dtype: torch.dtype, model: torch.nn.Module, *, frozen_only: bool) -> Iterator[None]:
+    """Inside the block the weights of ``model``'s linear layers are held in ``dtype``, so that
+    autocast does not cast them again at every forward pass (it caches casts only of weights
+    that require grad); afterwards the very fp32 tensors are back (nothing is rounded).
+    ``frozen_only``: leave weights that require grad (training's adapters) in fp32. Weights
+    tied to an embedding (the LM head of tied models) stay fp32: the embedding's output starts
+    the residual stream, which autocast keeps in fp32."""
+    if dtype == torch.float32:
+        yield
+        return
+    tied = {p.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    swapped = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and weight.dtype == torch.float32 and weight.data_ptr() not in tied
+                and not (frozen_only and weight.requires_grad)):
+            swapped.append((weight, weight.data))
+            weight.data = weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for weight, data in swapped:
+            weight.data = data

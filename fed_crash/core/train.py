@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from fed_crash.config import TrainConfig
 from fed_crash.core.data import IGNORE, Tokenized, batches
 from fed_crash.core.emulator import Emulator
-from fed_crash.core.precision import autocast
+from fed_crash.core.precision import autocast, linear_weights_in
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,11 @@ def evaluate(
     model.eval()
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
-    for batch in tqdm(list(batches(examples, batch_size, pad_id)), desc=desc, disable=not progress, leave=False):
-        with autocast(dtype, device):
-            loss, n = response_loss(model, batch)
-        total, tokens = total + float(loss), tokens + n
+    with linear_weights_in(dtype, model, frozen_only=False):
+        for batch in tqdm(list(batches(examples, batch_size, pad_id)), desc=desc, disable=not progress, leave=False):
+            with autocast(dtype, device):
+                loss, n = response_loss(model, batch)
+            total, tokens = total + float(loss), tokens + n
     model.train(was_training)
     mean = total / max(tokens, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": tokens}
@@ -217,25 +218,26 @@ def train_adapters(
     model.train()
     losses, step_times, tokens, start = [], [], 0, time.perf_counter()
     bar = tqdm(total=steps, desc="train adapters", disable=not progress, leave=False)
-    step, epoch = 0, 0
-    while step < steps:
-        for batch in batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
-            step_start = time.perf_counter()
-            loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss, dtype)
-            schedule.step()
-            losses.append(loss)
-            step_times.append(time.perf_counter() - step_start)
-            tokens += n
-            step += 1
-            if on_step is not None:
-                on_step(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if not progress and (step % max(1, steps // 10) == 0 or step == steps):
-                log.info("step %d/%d  loss %.4f  %.1fs", step, steps, losses[-1], time.perf_counter() - start)
-            if step >= steps:
-                break
-        epoch += 1
+    with linear_weights_in(dtype, model, frozen_only=True):  # the frozen middle in bf16 once, not cast at every step
+        step, epoch = 0, 0
+        while step < steps:
+            for batch in batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
+                step_start = time.perf_counter()
+                loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss, dtype)
+                schedule.step()
+                losses.append(loss)
+                step_times.append(time.perf_counter() - step_start)
+                tokens += n
+                step += 1
+                if on_step is not None:
+                    on_step(step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if not progress and (step % max(1, steps // 10) == 0 or step == steps):
+                    log.info("step %d/%d  loss %.4f  %.1fs", step, steps, losses[-1], time.perf_counter() - start)
+                if step >= steps:
+                    break
+            epoch += 1
     bar.close()
     model.eval()
     factors = lora_factors(emulator) if peft_model is not None else {}

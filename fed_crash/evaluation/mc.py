@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, is_local_file, pad_id, read_jsonl
 from fed_crash.core.hub import datasets_hub_unreachable
 from fed_crash.core.models import get_layers
-from fed_crash.core.precision import autocast
+from fed_crash.core.precision import autocast, linear_weights_in
 from fed_crash.core.train import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -340,16 +340,17 @@ def score_mc(
     use_cache = supports_prefix_cache(model) if prefix_cache is None else prefix_cache
     groups = plan_batches(encoded, batch_size, cached=use_cache)
     sums: dict[int, list[float]] = {}
-    for group in tqdm(groups, desc=desc, disable=not progress, leave=False):
-        with autocast(dtype, device):
-            if use_cache:
-                flat = _cached_scores(model, [encoded[i] for i in group], pad, device)
-            else:
-                examples = [Tokenized(encoded[i][0] + c, [IGNORE] * len(encoded[i][0]) + c) for i in group for c in encoded[i][1]]
-                flat = sequence_logprobs(model, collate(examples, pad)).tolist()
-        for i in group:
-            k = len(encoded[i][1])
-            sums[i], flat = flat[:k], flat[k:]
+    with linear_weights_in(dtype, model, frozen_only=False):
+        for group in tqdm(groups, desc=desc, disable=not progress, leave=False):
+            with autocast(dtype, device):
+                if use_cache:
+                    flat = _cached_scores(model, [encoded[i] for i in group], pad, device)
+                else:
+                    examples = [Tokenized(encoded[i][0] + c, [IGNORE] * len(encoded[i][0]) + c) for i in group for c in encoded[i][1]]
+                    flat = sequence_logprobs(model, collate(examples, pad)).tolist()
+            for i in group:
+                k = len(encoded[i][1])
+                sums[i], flat = flat[:k], flat[k:]
     model.train(was_training)
     hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     for i, row in enumerate(rows):

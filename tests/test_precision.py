@@ -1,0 +1,104 @@
+"""The compute dtype (bf16 autocast) and the wire dtype (bf16 on the wire): resolution, exact
+restoring of fp32 weights, parity with fp32, and a federated run whose tensors travel as bf16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
+
+from fed_crash.config import ConfigError, parse_run_config
+from fed_crash.core.data import pad_id, tokenize
+from fed_crash.core.emulator import build_emulator
+from fed_crash.core.precision import compute_dtype, linear_weights_in
+from fed_crash.core.train import evaluate, train_adapters
+from fed_crash.federation import protocol as P
+from fed_crash.selection import make_spec
+from fed_crash.tools.tiny import tiny_llama
+from tests.conftest import ROWS, LocalGrid
+
+
+def test_compute_dtype_follows_the_hardware_unless_forced():
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags  # read here independently of fed_crash.core.precision
+    assert compute_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert compute_dtype("bf16", "cpu") == torch.bfloat16 and compute_dtype("fp32", "cpu") == torch.float32
+    with pytest.raises(ConfigError, match="'compute-dtype' must be one of"):
+        parse_run_config({"compute-dtype": "fp16"})
+
+
+def test_linear_weights_are_bf16_inside_the_block_and_the_same_fp32_tensors_after():
+    model = tiny_llama(layers=2)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    with linear_weights_in(torch.bfloat16, model, frozen_only=False):
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert model.lm_head.weight.dtype == torch.float32  # tied to the embedding: the residual stream stays fp32
+        assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
+
+
+def test_bf16_training_and_evaluation_agree_with_fp32_and_keep_fp32_weights(tokenizer):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=6)
+    examples = tokenize(ROWS * 3, tokenizer, max_length=256, template="alpaca")
+    pad = pad_id(tokenizer)
+    fp32, bf16 = (evaluate(model, examples, pad, progress=False, dtype=d)["loss"] for d in (torch.float32, torch.bfloat16))
+    assert bf16 == pytest.approx(fp32, rel=0.01) and bf16 != fp32  # bf16 really ran, and stays within 1%
+    from fed_crash.config import TrainConfig
+
+    emulator = build_emulator(model, make_spec("uniform", 6, bottom=1, top=1, keep=2, share=False))
+    stats = train_adapters(emulator, examples, pad, TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_ratio=0.0), progress=False,
+                           dtype=torch.bfloat16)
+    assert stats.train_loss < stats.first_loss
+    assert all(p.dtype == torch.float32 for p in emulator.model.parameters())  # adapters and frozen middle back in fp32
+
+
+def test_wire_round_trip_is_exact_in_bf16_and_untouched_in_fp32():
+    tensors = {"w": torch.randn(3, 4), "i": torch.arange(3)}
+    wired = P.to_wire(tensors, "bf16")
+    assert wired["w"].dtype == "uint16" and wired.count_bytes() < P.to_wire(tensors, "fp32").count_bytes()
+    back = P.from_wire(wired, "bf16")
+    assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], tensors["w"].to(torch.bfloat16)) and torch.equal(back["i"], tensors["i"])
+    assert torch.equal(P.from_wire(P.to_wire(tensors, "fp32"), "fp32")["w"], tensors["w"])
+    with pytest.raises(ConfigError, match="wire-dtype 'fp32'"):
+        parse_run_config({"dp-clipping-norm": 1.0, "wire-dtype": "bf16"})
+
+
+@pytest.fixture
+def run_files(tmp_path, tokenizer):
+    from tests.conftest import write_run_files
+
+    return write_run_files(tmp_path / "files", tokenizer, copies=2)
+
+
+def _run(run_files, tmp_path, name: str, wire: str) -> list[dict]:
+    from alpaca.server_app import main
+
+    config = {"model": str(run_files / "model"), "data": str(run_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+              "run-name": name, "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "min-available-nodes": 2,
+              "max-client-examples": 8, "emulator.keep": 2, "emulator.share": False, "train.steps": 2, "save-model": False,
+              "wire-dtype": wire}
+    main(LocalGrid(2, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    return [json.loads(line) for line in (tmp_path / "results" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_with_bf16_on_the_wire_sends_half_the_bytes_and_trains(run_files, tmp_path, monkeypatch, server_identity):
+    monkeypatch.setenv("FED_CRASH_NODE_CACHE", str(tmp_path / "nodes"))
+    fp32, bf16 = _run(run_files, tmp_path, "fp32", "fp32"), _run(run_files, tmp_path, "bf16", "bf16")
+    assert bf16[1]["bytes_up"] == pytest.approx(fp32[1]["bytes_up"] / 2, rel=0.05)  # the adapters in half the bytes (the metrics are the rest)
+    assert [len(line["clients"]) for line in bf16] == [0, 2, 2] and not any(line["failures"] for line in bf16)
+    assert bf16[-1]["server"]["plugin_loss"] == pytest.approx(fp32[-1]["server"]["plugin_loss"], rel=0.02)
+    weights = load_file(tmp_path / "results" / "bf16" / "emulator" / "emulator.safetensors")
+    manifest = json.loads((tmp_path / "results" / "bf16" / "emulator" / "emulator.json").read_text())
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and manifest["weights_dtype"] == "bf16"
+    # the emulator message: the same small files, its tensors in half the bytes (2 per value, not 4), to each of two nodes
+    assert fp32[1]["emulator_bytes_down"] - bf16[1]["emulator_bytes_down"] == 2 * sum(2 * t.numel() for t in weights.values())
+    stored = [p for p in (tmp_path / "nodes").rglob("emulator.safetensors")]
+    assert stored and all({t.dtype for t in load_file(p).values()} <= {torch.bfloat16, torch.float32} for p in stored)
+    adapters = load_file(tmp_path / "results" / "bf16" / "adapters" / "final.safetensors")
+    assert {t.dtype for t in adapters.values()} == {torch.float32}  # the server aggregates and plugs in fp32
