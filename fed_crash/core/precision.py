@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Iterator
 
 import torch
@@ -86,3 +87,25 @@ def linear_weights_in(dtype: torch.dtype, model: torch.nn.Module, *, frozen_only
     finally:
         for weight, data in swapped:
             weight.data = data
+
+
+_HEAD_COPIES: dict[int, tuple[int, torch.Tensor]] = {}  # id(weight) -> (its version when copied, the copy); dropped with the weight
+
+
+def head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The LM head's weight as the matmul should get it: under bf16 autocast, a bf16 copy kept
+    until the weight changes (its version counter), instead of autocast's cast of the whole
+    vocabulary matrix (28 M values for SmolLM2) at every call; the weight itself otherwise, and
+    whenever a gradient must reach it."""
+    device = weight.device.type
+    if (weight.dtype != torch.float32 or not torch.is_autocast_enabled(device)
+            or (weight.requires_grad and torch.is_grad_enabled())):
+        return weight
+    dtype = torch.get_autocast_dtype(device)
+    cached = _HEAD_COPIES.get(id(weight))
+    if cached is None or cached[0] != weight._version or cached[1].dtype != dtype:
+        if cached is None:
+            weakref.finalize(weight, _HEAD_COPIES.pop, id(weight), None)
+        cached = (weight._version, weight.detach().to(dtype))
+        _HEAD_COPIES[id(weight)] = cached
+    return cached[1]

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from fed_crash.config import TrainConfig
 from fed_crash.core.data import IGNORE, Tokenized, batches
 from fed_crash.core.emulator import Emulator
-from fed_crash.core.precision import autocast, linear_weights_in
+from fed_crash.core.precision import autocast, head_weight, linear_weights_in
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,19 @@ def _target_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tu
     hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).last_hidden_state
     targets = batch["labels"].to(device)[:, 1:]
     where = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][where])
+    return lm_head_logits(model, hidden[:, :-1][where]), targets[where], where.nonzero()[:, 0]
+
+
+def lm_head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the LM head on ``hidden`` (rows of final hidden states), soft-capped as
+    the model's config asks (Gemma); under bf16 autocast with a bf16 copy of the head's weight
+    (:func:`fed_crash.core.precision.head_weight`)."""
+    head = model.get_output_embeddings()
+    logits = F.linear(hidden, head_weight(head.weight), head.bias)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits.float(), targets[where], where.nonzero()[:, 0]
+    return logits.float()
 
 
 def response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -31,7 +31,7 @@ from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, is_local_
 from fed_crash.core.hub import datasets_hub_unreachable
 from fed_crash.core.models import get_layers
 from fed_crash.core.precision import autocast, linear_weights_in
-from fed_crash.core.train import sequence_logprobs
+from fed_crash.core.train import lm_head_logits, sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +215,7 @@ def supports_prefix_cache(model) -> bool:
 
 def _logprob_of(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` (LM head applied only here)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return -F.cross_entropy(logits.float(), targets, reduction="none")
+    return -F.cross_entropy(lm_head_logits(model, hidden), targets, reduction="none")
 
 
 def _cached_scores(model, group: list[tuple[list[int], list[list[int]]]], pad: int, device) -> list[float]:

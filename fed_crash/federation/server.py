@@ -2,21 +2,24 @@
 (``simulations/alpaca/alpaca/server_app.py``) calls, step by step.
 
 :func:`open_run` checks the run folder (and the checkpoint to resume) and loads the data
-slices; :func:`plan_or_resume` gives the emulator spec; :func:`check_clients` checks the
-connected nodes against the client pool; :func:`write_run` writes the run folder and returns the
-emulator payload; :class:`RoundEvaluator` is the per-round work (plug-in, evaluation,
-checkpoint, metrics line) Flower calls after every round; :func:`finish` writes what a finished
-run leaves. Everything that can be wrong with the input is checked before the run folder is
-touched.
+slices; :func:`plan_or_resume` gives the emulator spec; :func:`write_run` writes the run folder
+and returns the emulator folder; :class:`RoundEvaluator` is the per-round work (plug-in,
+evaluation, checkpoint, metrics line) Flower calls after every round; :func:`check_clients`
+checks the connected nodes against the client pool; :func:`finish` writes what a finished run
+leaves. Everything the run config and data can get wrong is checked before the run folder is
+touched; the folder is written while the client actors start, and a start that fails after
+that (a node check, a node that never comes) removes it again (:func:`removed_if_it_fails_to_start`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -314,6 +317,29 @@ class RoundEvaluator:
             server.update({f"plugin_{k}": mc[k] for k in ("acc", "acc_norm", "acc_bytes")})
         return server
 
+    def zero_shot_scores(self, adapters: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Round 0's :meth:`scores` (the model's own adapters: the full model zero-shot, and the
+        emulator zero-shot), kept in ``<cache>/scores/<key>.json`` keyed by all they depend on
+        (the weights' and the evaluation code's hashes, the spec, the held-out tokens, the
+        questions, dtype, batch sizes, device type): cells of an experiment that share model,
+        emulator spec and rows compute them once."""
+        cfg = self.cfg
+        code = "".join(Path(m.__file__).read_text() for m in map(sys.modules.get, (evaluate.__module__, score_mc.__module__, build_emulator.__module__)))
+        parts = [json.loads((self.emulator_folder / MANIFEST).read_text())["source"]["sha256"], hashlib.sha256(code.encode()).hexdigest(),
+                 self.spec.to_dict(), [[e.input_ids, e.labels] for e in self.held_out], self.run.mc_rows, dtype_name(self.run.dtype),
+                 cfg.fed.eval_batch_size, str(next(self.loaded.model.parameters()).device.type)]
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        path = (Path(cfg.fed.cache_dir) if cfg.fed.cache_dir else default_cache_dir()) / "scores" / f"{key}.json"
+        if path.is_file():
+            log.info("round 0 scores (full model and emulator zero-shot) from the cache %s", path)
+            return json.loads(path.read_text())
+        server = self.scores(adapters)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # a concurrent run never reads a half-written file
+        partial.write_text(json.dumps(server))
+        partial.replace(path)
+        return server
+
     def realign(self, server_round: int) -> dict:
         """FedBiOT: distil the emulator toward the full model (both hold this round's adapters),
         write it as a new emulator folder and have every node receive it before its next round."""
@@ -333,7 +359,7 @@ class RoundEvaluator:
         round_seconds = self.run.laps.mark()  # since the last evaluation: sampling, sending, client work, receiving, aggregation
         round_start = time.perf_counter()
         adapters = self.adapters(arrays)
-        server = self.scores(adapters)
+        server = self.zero_shot_scores(adapters) if server_round == 0 else self.scores(adapters)
         adapters_file = save_adapters(self.run.folder / "adapters" / f"round-{server_round}.safetensors", adapters, {"round": server_round, "spec": self.spec.to_dict()})
         aligned = self.realign(server_round) if self.cfg.fed.fedbiot_align_steps > 0 and server_round < self.cfg.fed.num_server_rounds else None
         traffic = self.strategy.rounds.get(server_round, P.RoundTraffic())  # round 0: nothing sent yet

@@ -29,14 +29,14 @@ def main(grid: Grid, context: Context) -> None:
                                min_replies=cfg.fed.min_replies, max_update_norm=cfg.fed.max_update_norm,
                                round_timeout=cfg.fed.round_timeout, faults=FaultPlan(cfg.faults), round_offset=run.round_offset,
                                wire_dtype=cfg.fed.wire_dtype)
-    nodes = strategy.connect(grid)
-    strategy.shard_sizes, strategy.shard_sha256 = check_clients(run, strategy.num_partitions, len(nodes))  # replies' bounds, nodes' shard checks
-    # ---- checks done: from here on the run writes to its folder (removed again if it fails before round 1 is saved)
+    # ---- from here on the run writes to its folder (removed again if it fails before round 1 is saved)
     with removed_if_it_fails_to_start(run):
-        emulator_folder = write_run(run, loaded, spec, similarity)
+        emulator_folder = write_run(run, loaded, spec, similarity)  # while the client actors start
         if run.checkpoint:
             strategy.load_state_dict(run.checkpoint.strategy)
         evaluate_fn = RoundEvaluator(run, loaded, spec, similarity, emulator_folder, strategy)
+        nodes = strategy.connect(grid)
+        strategy.shard_sizes, strategy.shard_sha256 = check_clients(run, strategy.num_partitions, len(nodes))  # replies' bounds, nodes' shard checks
         initial = initial_adapters(run, loaded.model, spec)
         result = strategy.start(
             grid=grid,
