@@ -75,6 +75,7 @@ class WorkAfterFirstTrainPush:
             return self._grid.send_and_receive(messages, timeout=timeout)
         pending = set(self._grid.push_messages(messages))
         end = time.time() + (timeout or 0.0)
+        log.info("train messages sent to %d nodes; round 0 is evaluated while they train", len(pending))
         work, self._work = self._work, None
         work()
         replies: list[Message] = []

@@ -124,6 +124,7 @@ def run_folder(cfg: RunConfig) -> Path:
 def open_run(cfg: RunConfig) -> Run:
     """The run folder and checkpoint, checked, and the data slices (see :class:`Run`)."""
     laps = Laps()  # the run's clock starts here: setup_seconds["data"] is this step
+    log.info("ServerApp main started: checking the run folder, reading the data")
     folder = run_folder(cfg)
     checkpoint = read_checkpoint(folder) if cfg.fed.resume else None
     if checkpoint:
