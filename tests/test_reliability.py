@@ -30,7 +30,7 @@ from alpaca.server_app import main as serve
 from fed_crash.federation import protocol as P
 from fed_crash.federation.server import reproducible
 from fed_crash.tools.launch import check_run_config, flwr_run, free_port
-from fed_crash.core.models import ModelError
+from fed_crash.core.models import ModelError, state_hash
 from fed_crash.errors import FedCrashError
 from strategies import ClientClippingDP, OffsiteStrategy, StrategyState, make_strategy
 from tests.conftest import ROWS, LocalGrid, simulated_error_reason, tiny_llama, train_metrics, write_run_files
@@ -489,7 +489,7 @@ def test_a_tampered_emulator_is_refused_on_arrival_and_nothing_is_stored(tmp_pat
     weights = load_file(folder / "emulator.safetensors")
     weights["model.layers.3.mlp.up_proj.weight"] = weights["model.layers.3.mlp.up_proj.weight"] + 1e-3
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".safetensors"}
-    payload = P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), P.payload_sha256(weights, files))
+    payload = P.EmulatorPayload(ArrayRecord(weights), ConfigRecord(files), P.payload_sha256(state_hash(weights), files))
     grid = LocalGrid(1)
     [reply] = grid.send_and_receive([payload.request(1)])
     assert reply.has_error() and re.search("ProtocolError: the emulator received does not match its manifest's weights_sha256 .*nothing was stored",

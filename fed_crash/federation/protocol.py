@@ -219,11 +219,12 @@ MAX_PAYLOAD_FILES = 32  # an emulator request's small files (manifest, config, t
 MAX_PAYLOAD_FILE_BYTES = 64 * 2**20  # ... each at most this large (Gemma-3's tokenizer.json is 33 MB)
 
 
-def payload_sha256(weights: dict, files: dict[str, bytes]) -> str:
-    """Content hash of an emulator request: the tensors' :func:`state_hash` and every file's
-    name and bytes. Nodes key their cache by it, so a changed manifest or tokenizer is a new
-    emulator even when the weights are the same."""
-    digest = hashlib.sha256(state_hash(weights).encode())
+def payload_sha256(weights_sha256: str, files: dict[str, bytes]) -> str:
+    """Content hash of an emulator request: the tensors' :func:`state_hash` (given: each side
+    has it already, the tensors are hashed once) and every file's name and bytes. Nodes key their
+    cache by it, so a changed manifest or tokenizer is a new emulator even when the weights are
+    the same."""
+    digest = hashlib.sha256(weights_sha256.encode())
     for name in sorted(files):
         digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(files[name]).hexdigest().encode())
     return digest.hexdigest()
@@ -262,10 +263,11 @@ def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], 
         raise ProtocolError(f"emulator request: no {MANIFEST} among the files {sorted(files)}")
     manifest = parse_manifest(files[MANIFEST], "received emulator manifest")
     weights = from_wire(content[EMULATOR_WEIGHTS], manifest.get("weights_dtype", "fp32"))
-    if state_hash(weights) != manifest["weights_sha256"]:
+    weights_sha256 = state_hash(weights)
+    if weights_sha256 != manifest["weights_sha256"]:
         raise ProtocolError(f"the emulator received does not match its manifest's weights_sha256 {manifest['weights_sha256'][:16]} "
                             "(corrupted or replaced in transit); nothing was stored")
-    return weights, files, manifest, payload_sha256(weights, files)
+    return weights, files, manifest, payload_sha256(weights_sha256, files)
 
 
 def emulator_ack(msg: Message, sha256: str) -> Message:

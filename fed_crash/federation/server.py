@@ -223,7 +223,9 @@ def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPaylo
     files[MANIFEST] = json.dumps(manifest, indent=1).encode()
     weights = load_file(str(folder / WEIGHTS))  # in the run's wire dtype (write_run)
     check_private(weights, files, model, spec)
-    return P.EmulatorPayload(P.to_wire(weights, manifest.get("weights_dtype", "fp32")), ConfigRecord(files), P.payload_sha256(weights, files))
+    # the tensors' hash is the manifest's (save_emulator computed it; every node checks it on arrival)
+    return P.EmulatorPayload(P.to_wire(weights, manifest.get("weights_dtype", "fp32")), ConfigRecord(files),
+                             P.payload_sha256(manifest["weights_sha256"], files))
 
 
 def write_run(run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: torch.Tensor | None) -> Path:
