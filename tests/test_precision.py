@@ -102,3 +102,34 @@ def test_a_run_with_bf16_on_the_wire_sends_half_the_bytes_and_trains(run_files, 
     assert stored and all({t.dtype for t in load_file(p).values()} <= {torch.bfloat16, torch.float32} for p in stored)
     adapters = load_file(tmp_path / "results" / "bf16" / "adapters" / "final.safetensors")
     assert {t.dtype for t in adapters.values()} == {torch.float32}  # the server aggregates and plugs in fp32
+
+
+def test_round_0_is_evaluated_after_round_1_train_messages_left_and_cached_for_the_next_run(run_files, tmp_path, monkeypatch, server_identity,
+                                                                                           caplog):
+    from alpaca.server_app import main
+
+    from fed_crash.federation.server import RoundEvaluator
+
+    monkeypatch.setenv("FED_CRASH_NODE_CACHE", str(tmp_path / "nodes"))
+    seen: list[int] = []
+    original = RoundEvaluator.zero_shot_scores
+
+    def spy(self, adapters):
+        seen.append(sum(m.metadata.message_type == P.TRAIN for m in grid.sent))  # train messages already sent when round 0 is scored
+        return original(self, adapters)
+
+    monkeypatch.setattr(RoundEvaluator, "zero_shot_scores", spy)
+    lines = {}
+    for name in ("a", "b"):
+        config = {"model": str(run_files / "model"), "data": str(run_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+                  "run-name": name, "eval-examples": 8, "max-length": 256, "num-server-rounds": 1, "min-available-nodes": 2,
+                  "max-client-examples": 8, "emulator.keep": 2, "emulator.share": False, "train.steps": 1, "save-model": False,
+                  "cache-dir": str(tmp_path / "cache")}
+        grid = LocalGrid(2, run_config=config)
+        with caplog.at_level("INFO", logger="fed_crash"):
+            main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        lines[name] = [json.loads(line) for line in (tmp_path / "results" / name / "metrics.jsonl").read_text().splitlines()]
+    assert seen == [2, 2]  # both nodes sampled (min-train-nodes 2): round 0 was scored after round 1's two messages had left
+    assert [line["round"] for line in lines["a"]] == [0, 1]  # and is still the first metrics line
+    assert lines["b"][0]["server"] == lines["a"][0]["server"] and len(list((tmp_path / "cache" / "scores").glob("*.json"))) == 1
+    assert caplog.text.count("round 0 scores (full model and emulator zero-shot) from the cache") == 1  # the second run read it
