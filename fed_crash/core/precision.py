@@ -1,10 +1,13 @@
 """The compute dtype: bf16 autocast where the hardware runs it natively, fp32 otherwise.
 
 Only forward passes (and the loss) run under :func:`autocast`; trainable weights, gradients,
-optimizer state, aggregation and everything written or exchanged stay fp32 (the wire format,
-:data:`fed_crash.federation.protocol.WIRE_DTYPES`, is a separate choice). On CPUs with
-AVX512-BF16 or AMX a training step is about 1.5x and a scoring pass about 1.9x faster in bf16
-(docs/benchmarks.md); on CPUs without them bf16 is emulated and slower, so ``auto`` stays fp32.
+optimizer state, aggregation and everything written stay fp32 (what travels is the wire dtype's
+choice, run-config ``wire-dtype``, :func:`fed_crash.federation.protocol.to_wire`). Autocast
+alone re-casts every fp32 weight at every matmul, so :func:`linear_weights_in` and
+:func:`head_weight` hold bf16 copies for a whole pass. On this project's CPU (AVX512-BF16) a
+client's training step is 1.44x and multiple-choice scoring 1.5-1.8x faster in bf16, with the
+same accuracy (docs/benchmarks.md, table 7); CPUs without native bf16 emulate it slowly, so
+``auto`` means fp32 there.
 """
 
 from __future__ import annotations
