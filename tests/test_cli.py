@@ -92,7 +92,19 @@ def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, da
     single = fed_crash_here("eval", "--emulator", out / "emulator", "--adapters", out / "adapters.safetensors", "--task", mc,
                        "--out", tmp_path / "eval", "--no-progress", "--compute-dtype", "fp32")
     scores = json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"]["mc"]
-    assert scores == {**table["emulator_fine_tuned"]["tasks"]["mc"], "seconds": scores["seconds"]}
+    assert scores == {**table["emulator_fine_tuned"]["tasks"]["mc"], "seconds": scores["seconds"], "samples_file": "samples-emulator+adapters-mc.jsonl"}
+    # per-question records (lm-eval's --log_samples), lm-eval's stderr, and the report's paired intervals read from them
+    records = [json.loads(line) for line in (tmp_path / "eval" / scores["samples_file"]).read_text().splitlines()]
+    assert len(records) == 6 and sum(r["correct"]["acc"] for r in records) / 6 == scores["acc"] and len(records[0]["lls"]) == 2
+    paired = json.loads((tmp_path / "report" / "report.json").read_text())["paired"]["mc"]
+    assert set(paired) == {"plug_in - full_zero_shot", "emulator_fine_tuned - emulator_zero_shot"}
+    diff = table["plug_in"]["tasks"]["mc"]["acc"] - table["full_zero_shot"]["tasks"]["mc"]["acc"]
+    assert paired["plug_in - full_zero_shot"]["acc"]["difference"] == pytest.approx(diff)
+    assert "paired bootstrap 95% intervals" in (tmp_path / "report" / "report.md").read_text()
+    printed = fed_crash_here("paired", tmp_path / "report" / "samples-plug_in-mc.jsonl", tmp_path / "report" / "samples-full_zero_shot-mc.jsonl").stdout
+    assert f"acc: {100 * diff:+.2f} points, 95% interval [" in printed and "over 6 questions" in printed
+    other_sample = fed_crash_here("paired", tmp_path / "report" / "samples-plug_in-mc.jsonl", tmp_path / "eval" / "samples-emulator+adapters-mc.jsonl")
+    assert other_sample.returncode == 0  # the same six questions: it pairs
     assert "| emulator+adapters |" in single.stdout
 
     # the landscape from the tuned adapters to the untuned ones: end points are the two plug-ins

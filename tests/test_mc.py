@@ -1,6 +1,7 @@
 """Multiple-choice scoring against log-probabilities computed by hand with a full forward pass."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -33,14 +34,16 @@ def expected(model, tokenizer, rows):
         sums = [by_hand(model, tokenizer, row["query"], c) for c in row["choices"]]
         for key, norm in (("acc", lambda c: 1), ("acc_norm", len), ("acc_bytes", lambda c: len(c.encode()))):
             hits[key] += max(range(len(sums)), key=lambda i: sums[i] / norm(row["choices"][i])) == row["gold"]
-    return {k: v / len(rows) for k, v in hits.items()}
+    n = len(rows)  # lm-eval's stderr of a mean of 0/1 values, in closed form: sqrt(p (1 - p) / (n - 1))
+    return {**{k: v / n for k, v in hits.items()}, **{f"{k}_stderr": math.sqrt(v / n * (1 - v / n) / (n - 1)) for k, v in hits.items()}}
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_scores_follow_the_summed_log_probabilities(tiny_model, tokenizer, prefix_cache):
     assert supports_prefix_cache(tiny_model)
     result = score_mc(tiny_model, tokenizer, ROWS, batch_size=5, prefix_cache=prefix_cache)
-    assert {k: result[k] for k in ("acc", "acc_norm", "acc_bytes")} == expected(tiny_model, tokenizer, ROWS)
+    assert {k: result[k] for k in ("acc", "acc_norm", "acc_bytes", "acc_stderr", "acc_norm_stderr", "acc_bytes_stderr")} == pytest.approx(
+        expected(tiny_model, tokenizer, ROWS))
     assert result["n"] == 4
 
 

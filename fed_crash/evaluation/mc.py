@@ -15,6 +15,8 @@ ARC-Challenge, OpenBookQA, PIQA in ``shared/data/eval``), hub datasets by short 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import re
@@ -32,6 +34,7 @@ from fed_crash.core.hub import datasets_hub_unreachable
 from fed_crash.core.models import get_layers
 from fed_crash.core.precision import autocast, linear_weights_in
 from fed_crash.core.train import lm_head_logits, sequence_logprobs
+from fed_crash.evaluation.stats import mean_stderr
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +313,8 @@ def plan_batches(encoded: Sequence[Encoded], batch_size: int, *, cached: bool) -
 def score_mc(
     model, tokenizer, rows: Sequence[dict], *, batch_size: int = 16, max_length: int = 2048,
     progress: bool = False, prefix_cache: bool | None = None, desc: str = "multiple choice", dtype: torch.dtype = torch.float32,
-) -> dict[str, float]:
+    log_samples: bool = False,
+) -> dict:
     """``acc``, ``acc_norm`` and ``acc_bytes`` of ``model`` on ``{query, choices, gold}`` rows.
 
     ``batch_size`` counts continuations per forward pass. On the cached path each question's
@@ -319,6 +323,8 @@ def score_mc(
     fewer positions on every task (:func:`_padded_tokens`), so it is the default wherever
     :func:`supports_prefix_cache` allows it. ``prefix_cache`` forces one path. Forward passes
     run in ``dtype`` (:mod:`fed_crash.core.precision`); log-likelihoods are summed in fp32.
+    Each metric comes with lm-eval's standard error (``acc_stderr`` ...); ``log_samples`` adds
+    one :func:`document_record` per question under ``samples``.
     """
     start = time.perf_counter()
     was_training = model.training
@@ -348,12 +354,24 @@ def score_mc(
                 k = len(encoded[i][1])
                 sums[i], flat = flat[:k], flat[k:]
     model.train(was_training)
-    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
-    for i, row in enumerate(rows):
-        lls = sums[i]
-        for key, norm in (("acc", lambda c: 1.0), ("acc_norm", len), ("acc_bytes", lambda c: len(c.encode("utf-8")))):
-            best = max(range(len(lls)), key=lambda j: lls[j] / norm(row["choices"][j]))
-            hits[key] += best == row["gold"]
+    samples = [document_record(i, row, sums[i]) for i, row in enumerate(rows)]
     n = len(rows)
+    scores: dict = {}
+    for metric in METRICS:
+        correct = [s["correct"][metric] for s in samples]
+        scores[metric], scores[f"{metric}_stderr"] = sum(correct) / n, mean_stderr(correct)
     log.debug("%s: %d questions in %.1f s (cached context: %s)", desc, n, time.perf_counter() - start, use_cache)
-    return {**{k: v / n for k, v in hits.items()}, "n": n, "seconds": time.perf_counter() - start}
+    return {**scores, "n": n, "seconds": time.perf_counter() - start, **({"samples": samples} if log_samples else {})}
+
+
+METRICS = {"acc": lambda choice: 1.0, "acc_norm": len, "acc_bytes": lambda choice: len(choice.encode("utf-8"))}  # name -> length a log-likelihood is divided by
+
+
+def document_record(index: int, row: dict, lls: list[float]) -> dict:
+    """One question's record, as lm-eval's ``--log_samples`` writes one: its index in the task's
+    sample, a hash of its text (pairing two models' records checks it), each choice's summed
+    log-likelihood, and per metric the prediction and whether it is the gold answer."""
+    pred = {m: max(range(len(lls)), key=lambda j: lls[j] / norm(row["choices"][j])) for m, norm in METRICS.items()}
+    text = json.dumps([row["query"], row["choices"]], ensure_ascii=False)
+    return {"doc_id": index, "doc_sha256": hashlib.sha256(text.encode()).hexdigest()[:16], "gold": row["gold"], "lls": lls,
+            "pred": pred, "correct": {m: int(p == row["gold"]) for m, p in pred.items()}}

@@ -20,11 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fed_crash.core.precision import dtype_name
+from fed_crash.evaluation.stats import paired_bootstrap
 from fed_crash.core.artifacts import ArtifactError, load_adapters, load_emulator
 from fed_crash.config import DataConfig, EvalConfig, to_dict
-from fed_crash.core.data import format_prompt, load_instructions, pad_id, split_rows, tokenize
+from fed_crash.core.data import format_prompt, load_instructions, pad_id, read_jsonl, split_rows, tokenize
 from fed_crash.core.emulator import check_adapters, plug_in
-from fed_crash.evaluation.mc import HUB_TASKS, Fields, McTask, load_task, score_mc, supports_prefix_cache
+from fed_crash.evaluation.mc import HUB_TASKS, METRICS, Fields, McTask, load_task, score_mc, supports_prefix_cache
 from fed_crash.core.models import load_model, state_hash
 from fed_crash.core.plots import figure
 from fed_crash.core.train import evaluate
@@ -91,13 +92,17 @@ def evaluate_model(
     model, tokenizer, tasks: Sequence[McTask], instruct: Sequence[dict[str, str]], data: DataConfig, cfg: EvalConfig,
     *, out: Path | None = None, name: str = "model", progress: bool = True, dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Multiple-choice scores per task, and held-out loss / perplexity / ROUGE-L on ``instruct``.
-    Greedy answers go to ``out/generations-<name>.jsonl`` with their references."""
+    """Multiple-choice scores per task (with lm-eval's stderr), and held-out loss / perplexity /
+    ROUGE-L on ``instruct``. With ``out``: each question's record goes to
+    ``out/samples-<name>-<task>.jsonl`` and greedy answers to ``out/generations-<name>.jsonl``."""
     result: dict = {"tasks": {}}
     for task in tasks:
-        result["tasks"][task.name] = score_mc(model, tokenizer, task.rows, batch_size=cfg.batch_size, progress=progress,
-                                              desc=f"{name}: {task.name}", dtype=dtype)
-        log.info("%s %s: %s", name, task.name, _fmt(result["tasks"][task.name]))
+        scores = score_mc(model, tokenizer, task.rows, batch_size=cfg.batch_size, progress=progress, desc=f"{name}: {task.name}",
+                          dtype=dtype, log_samples=out is not None)
+        if out is not None:  # lm-eval's --log_samples: one record per question, for paired comparisons (paired_comparison)
+            scores["samples_file"] = write_samples(out / f"samples-{name}-{task.name}.jsonl", scores.pop("samples")).name
+        result["tasks"][task.name] = scores
+        log.info("%s %s: %s", name, task.name, _fmt({k: v for k, v in scores.items() if k != "samples_file"}))
     if instruct:
         start = time.perf_counter()
         examples = tokenize(instruct, tokenizer, max_length=data.max_length, template=data.template)
@@ -115,6 +120,23 @@ def evaluate_model(
         result["instruct"]["seconds"] = time.perf_counter() - start
         log.info("%s held-out: %s", name, _fmt(result["instruct"]))
     return result
+
+
+def write_samples(path: Path, samples: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return path
+
+
+def paired_comparison(a_file: str | Path, b_file: str | Path, *, resamples: int = 10_000, seed: int = 0) -> dict:
+    """Model A minus model B on the same questions, per metric: the mean difference of
+    correctness and its paired bootstrap 95% interval (:func:`fed_crash.evaluation.stats.paired_bootstrap`),
+    from two samples files of the same task sample (checked question by question)."""
+    a, b = ([row for _, row in read_jsonl(Path(f))] for f in (a_file, b_file))
+    if [r["doc_sha256"] for r in a] != [r["doc_sha256"] for r in b]:
+        raise ArtifactError(f"{a_file} and {b_file} hold different questions (or another order): a paired comparison needs the same sample")
+    return {metric: paired_bootstrap([r["correct"][metric] for r in a], [r["correct"][metric] for r in b], resamples=resamples, seed=seed)
+            for metric in METRICS}
 
 
 def _fmt(scores: dict) -> str:
@@ -178,15 +200,37 @@ def four_model_report(
     run("emulator_fine_tuned", emulator.model)
     plug_in(loaded.model, tuned)
     run("plug_in", loaded.model)
+    folders = {name: out for name in results} | ({"full_zero_shot": Path(full_from).parent} if full_from else {})
+    paired = {}
+    for task in tasks:
+        paired[task.name] = {}
+        for a, b in PAIRS:
+            files = [folders[m] / results[m]["tasks"][task.name].get("samples_file", "") for m in (a, b)]
+            if all(f.is_file() for f in files):  # an older --full-from report has no samples file
+                paired[task.name][f"{a} - {b}"] = paired_comparison(*files)
     report = {
         "models": results, "model": loaded.model_id, "emulator": str(emulator_folder), "adapters": str(adapters),
         "spec": manifest["spec"], "tasks": task_info, "instruct_examples": len(instruct), "config": _config(data, cfg, dtype),
-        "full_from": str(full_from) if full_from else None, "seconds": time.perf_counter() - start,
+        "full_from": str(full_from) if full_from else None, "paired": paired, "seconds": time.perf_counter() - start,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown_table(results) + "\n")
+    (out / "report.md").write_text(markdown_table(results) + "\n" + paired_table(paired))
     return report
+
+
+PAIRS = (("plug_in", "full_zero_shot"), ("emulator_fine_tuned", "emulator_zero_shot"))  # what tuning gave, on each side
+
+
+def paired_table(paired: dict) -> str:
+    """Markdown: per task and pair, the accuracy difference in points with its paired bootstrap 95% interval."""
+    rows = [f"| {task} | {pair} | {100 * c['acc']['difference']:+.2f} [{100 * c['acc']['low']:+.2f}, {100 * c['acc']['high']:+.2f}] "
+            f"| {100 * c['acc_norm']['difference']:+.2f} [{100 * c['acc_norm']['low']:+.2f}, {100 * c['acc_norm']['high']:+.2f}] | {c['acc']['n']} |"
+            for task, pairs in paired.items() for pair, c in pairs.items()]
+    if not rows:
+        return ""
+    return ("\nPaired differences (points), paired bootstrap 95% intervals over the same questions:\n\n"
+            "| task | models | acc | acc_norm | questions |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _config(data: DataConfig, cfg: EvalConfig, dtype: torch.dtype) -> dict:

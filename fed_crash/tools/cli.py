@@ -100,7 +100,7 @@ def _tuning_commands(sub) -> None:
 
 
 def _evaluation_commands(sub) -> None:
-    """``eval``, ``report``, ``landscape``."""
+    """``eval``, ``report``, ``paired``, ``landscape``."""
     ev = sub.add_parser("eval", help="evaluate one model, emulator or plug-in: multiple-choice accuracy, held-out loss, ROUGE-L",
                         description="Score a model (the full model, or --emulator FOLDER; with --adapters plugged in) on multiple-choice tasks the way lm-evaluation-harness does, and on held-out instructions (loss, perplexity, greedy answers with ROUGE-L).")
     _common(ev)
@@ -117,6 +117,13 @@ def _evaluation_commands(sub) -> None:
     report.add_argument("--adapters", required=True, help="tuned adapters .safetensors")
     report.add_argument("--out", required=True, help="output folder for report.json and report.md")
     report.add_argument("--full-from", default=None, help="reuse the full zero-shot scores of an earlier report.json (same model, tasks, sample and held-out rows), e.g. when comparing emulators")
+
+    paired = sub.add_parser("paired", help="model A minus model B on the same questions, with paired bootstrap 95%% intervals",
+                            description="Compare two samples-<model>-<task>.jsonl files written by 'eval' or 'report' on the same task sample: the mean difference of acc, acc_norm and acc_bytes, and its paired bootstrap 95%% interval.")
+    paired.add_argument("a", help="samples file of model A")
+    paired.add_argument("b", help="samples file of model B (the same questions, in the same order)")
+    paired.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
+    paired.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
 
     land = sub.add_parser("landscape", help="held-out loss along the straight line between two adapter sets plugged into the full model",
                           description="CRaSh's 1-D loss landscape: plug (1 - t) A + t B into the full model for evenly spaced t and measure held-out loss; write landscape.png and landscape.json.")
@@ -229,6 +236,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     (out / "eval.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'eval.json'}")
+
+
+def cmd_paired(args: argparse.Namespace) -> None:
+    from fed_crash.evaluation.report import paired_comparison
+
+    result = paired_comparison(args.a, args.b, resamples=args.resamples, seed=args.seed)
+    for metric, c in result.items():
+        print(f"{metric}: {100 * c['difference']:+.2f} points, 95% interval [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}] over {c['n']} questions")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -447,7 +462,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"{run}: removed {len(removed)} round adapter file(s)")
 
 
-COMMANDS = {"prune": cmd_prune, "shards": cmd_shards, "tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
+COMMANDS = {"paired": cmd_paired, "prune": cmd_prune, "shards": cmd_shards, "tune": cmd_tune, "plugin": cmd_plugin, "similarity": cmd_similarity, "simulate": cmd_simulate, "eval": cmd_eval,
             "report": cmd_report, "landscape": cmd_landscape, "experiment": cmd_experiment}
 
 
