@@ -54,8 +54,9 @@ def opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argp
 
 @dataclass
 class DataConfig:
-    data: str = opt(DEFAULT_HUB_DATASET, "Alpaca-format instruction data: a local .json/.jsonl file or a hub dataset name")
-    template: str = opt("alpaca", "prompt template: 'alpaca' or the model's 'chat' template", choices=("alpaca", "chat"))
+    data: str = opt(DEFAULT_HUB_DATASET, "instruction data: a local .json/.jsonl file, several separated by commas (pooled; files of {query, choices, gold} rows become task rows labelled by the file's stem), or a hub dataset name")
+    template: str = opt("alpaca", "prompt template: 'alpaca', the model's 'chat' template, or 'scorer' (task rows: the query and ' ' + the gold choice, tokenized as the multiple-choice scorer sees them)",
+                        choices=("alpaca", "chat", "scorer"))
     max_length: int = opt(256, "truncate each example to this many tokens", min=8)
     skip_malformed: bool = opt(False, "skip and count malformed rows instead of failing on the first one")
     seed: int = opt(0, "seed of the shuffle that splits data into held-out, calibration and training slices (in federated runs also of the node sampling and the server's random generators)", min=0)
@@ -166,8 +167,9 @@ class FederationConfig:
     min_available_nodes: int = opt(2, "wait until this many nodes are connected before the first round starts", min=1)
     round_timeout: float = opt(3600.0, "seconds to wait for replies in a round; a client that has not answered by then counts as timed out", min=1.0)
     node_timeout: float = opt(600.0, "seconds the server waits for enough admitted nodes (min-available-nodes, min-train-nodes) at the start and before each round; then the run fails naming the numbers (resume=true continues it)", min=1.0)
-    partitioner: str = opt("iid", "how client shards are drawn: 'iid', 'dirichlet' or 'pathological'", choices=("iid", "dirichlet", "pathological"))
-    partition_by: str = opt("first-word", "derived label for non-IID splits: the instruction's 'first-word' (its verb, top 16 else 'other') or the response 'length' bucket (quartiles)", choices=("first-word", "length"))
+    partitioner: str = opt("iid", "how client shards are drawn: 'iid', 'dirichlet', 'pathological', or 'by-task' (client i gets task i mod the number of tasks, its rows split evenly among that task's clients)",
+                           choices=("iid", "dirichlet", "pathological", "by-task"))
+    partition_by: str = opt("first-word", "derived label for non-IID splits: the instruction's 'first-word' (its verb, top 16 else 'other'), the response 'length' bucket (quartiles), or the row's 'task' (task rows)", choices=("first-word", "length", "task"))
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed label mix per client)", min=1e-6)
     classes_per_partition: int = opt(2, "labels per client for the pathological partitioner", min=1)
     max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)", min=0)

@@ -28,7 +28,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-Template = Literal["alpaca", "chat"]
+Template = Literal["alpaca", "chat", "scorer"]
 
 
 class DataError(FedCrashError):
@@ -40,19 +40,28 @@ def load_instructions(
 ) -> list[dict[str, str]]:
     """Rows with ``instruction``, ``input`` (may be empty) and ``output`` strings.
 
-    ``source`` is a ``.json`` list or ``.jsonl`` file, or a hub dataset name. A malformed
-    row raises :class:`DataError` naming its (0-based) row number, or, with
-    ``skip_malformed``, is skipped and counted in the log.
+    ``source`` is a ``.json`` list or ``.jsonl`` file, or a hub dataset name, or several local
+    files separated by commas, pooled in order. A file of multiple-choice rows (``{query,
+    choices, gold}``, the eval layout) becomes task rows: ``instruction`` the query, ``output``
+    the gold choice, ``task`` the file's stem (the ``task`` partition label). A malformed row
+    raises :class:`DataError` naming its (0-based) row number, or, with ``skip_malformed``, is
+    skipped and counted in the log.
     """
+    if "," in str(source):
+        return [row for part in str(source).split(",") if part.strip() for row in load_instructions(part.strip(), skip_malformed=skip_malformed)]
     path = Path(source).expanduser()
     if is_local_file(path):
         raw = _read_local(path)
     else:
         raw = _read_hub(str(source), split)
+    if raw and isinstance(raw[0], dict) and {"query", "choices", "gold"} <= set(raw[0]):
+        raw = [task_row(row, path.stem) for row in raw]
     rows, bad = [], 0
     for i, row in enumerate(raw):
         problem = _row_problem(row)
-        if problem is None:
+        if problem is None and "task" in row:
+            rows.append({"instruction": row["instruction"], "input": "", "output": row["output"], "task": row["task"]})
+        elif problem is None:
             rows.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})
         elif skip_malformed:
             bad += 1
@@ -112,6 +121,15 @@ def _read_hub(name: str, split: str) -> list:
         ) from None
 
 
+def task_row(row: dict, task: str) -> dict:
+    """A multiple-choice row as an instruction row: the query, its gold choice, the task's name
+    (a malformed one becomes a row :func:`_row_problem` names)."""
+    choices, gold = row.get("choices"), row.get("gold")
+    if not isinstance(choices, list) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        return {"instruction": row.get("query"), "output": None, "task": task}
+    return {"instruction": row["query"], "output": choices[gold], "task": task}
+
+
 def _row_problem(row: object) -> str | None:
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
@@ -132,6 +150,8 @@ def format_prompt(row: dict[str, str], template: Template = "alpaca", tokenizer=
     if template == "alpaca":
         fmt = ALPACA_PROMPT if row["input"] else ALPACA_PROMPT_NO_INPUT
         return fmt.format(instruction=row["instruction"], input=row["input"])
+    if template == "scorer":  # the multiple-choice scorer's context: the query as it is
+        return row["instruction"]
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("template 'chat' needs a tokenizer with a chat template")
@@ -139,7 +159,7 @@ def format_prompt(row: dict[str, str], template: Template = "alpaca", tokenizer=
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-    raise DataError(f"unknown template {template!r}; expected 'alpaca' or 'chat'")
+    raise DataError(f"unknown template {template!r}; expected 'alpaca', 'chat' or 'scorer'")
 
 
 @dataclass
@@ -157,6 +177,10 @@ def tokenize(
 ) -> list[Tokenized]:
     """Prompt + response + EOS, truncated to ``max_length``; loss only on response tokens.
 
+    Template ``scorer`` (task rows): the query and ``" " + output`` split into tokens exactly as
+    the multiple-choice scorer splits context and choice (:func:`encode_pair`), no EOS, the
+    context cut from the left when long: the loss falls on the gold continuation as it is scored.
+
     Examples whose prompt alone fills ``max_length`` have no response token left and are
     dropped (counted in the log), since they would contribute nothing to the loss; when that is
     every example, :class:`DataError` (a loss over no token would read 0).
@@ -164,8 +188,12 @@ def tokenize(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out, dropped = [], 0
     for row in rows:
-        prompt = tokenizer(format_prompt(row, template, tokenizer), add_special_tokens=False).input_ids
-        response = tokenizer(row["output"], add_special_tokens=False).input_ids + eos
+        if template == "scorer":
+            prompt, response = encode_pair(tokenizer, row["instruction"], " " + row["output"])
+            prompt = prompt[-max(max_length - len(response), 0):] if len(response) < max_length else []
+        else:
+            prompt = tokenizer(format_prompt(row, template, tokenizer), add_special_tokens=False).input_ids
+            response = tokenizer(row["output"], add_special_tokens=False).input_ids + eos
         ids = (prompt + response)[:max_length]
         labels = ([IGNORE] * len(prompt) + response)[:max_length]
         if all(label == IGNORE for label in labels):
@@ -178,6 +206,19 @@ def tokenize(
     if dropped:
         log.warning("dropped %d of %d examples whose prompt fills max_length=%d", dropped, len(rows), max_length)
     return out
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, split the way lm-eval splits them for causal models."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:  # lm-eval conditions on the BOS (or EOS) token alone
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation).input_ids
+    ctx = tokenizer(context).input_ids
+    return ctx, whole[len(ctx):]
 
 
 def collate(examples: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

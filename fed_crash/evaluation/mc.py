@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, is_local_file, pad_id, read_jsonl
+from fed_crash.core.data import IGNORE, DataError, Tokenized, collate, encode_pair, is_local_file, pad_id, read_jsonl
 from fed_crash.core.hub import datasets_hub_unreachable
 from fed_crash.core.models import get_layers
 from fed_crash.core.precision import autocast, linear_weights_in
@@ -187,19 +187,6 @@ def load_task(source: str | Path, *, fields: Fields | None = None, limit: int = 
     if limit and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     return McTask(task_name, rows, text)
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of context and continuation, split the way lm-eval splits them for causal models."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:  # lm-eval conditions on the BOS (or EOS) token alone
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], tokenizer(continuation, add_special_tokens=False).input_ids
-    whole = tokenizer(context + continuation).input_ids
-    ctx = tokenizer(context).input_ids
-    return ctx, whole[len(ctx):]
 
 
 def supports_prefix_cache(model) -> bool:

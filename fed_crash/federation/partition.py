@@ -8,6 +8,10 @@ sees only a few labels). Alpaca has no label column, so non-IID splits use one o
 * ``first-word``: the instruction's first word, lower-cased (mostly its verb: "give", "write",
   "generate"...), the 16 most frequent kept and the rest pooled as ``other``;
 * ``length``: the response length in words, bucketed into quartiles of the pool.
+
+Task rows (multiple-choice files pooled as instruction data, :func:`fed_crash.core.data.load_instructions`)
+carry their task's name: ``partition-by = "task"`` for Dirichlet over tasks, and the ``by-task``
+partitioner gives each client one task.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ TOP_WORDS = 16
 def data_source(cfg: RunConfig, name: str | None = None) -> str:
     """A run config's data (``data``, or ``name`` such as ``calib-data``): a local path resolved
     to absolute; a name that is not a local path stays a hub name; none means Alpaca from the
-    hub (for users with a network)."""
+    hub (for users with a network). Several comma-separated files: each resolved."""
     name = cfg.data.data if name is None else name
     if not name:
         return DEFAULT_HUB_DATASET
+    if "," in name:
+        return ",".join(str(resolve_path(part.strip())) for part in name.split(",") if part.strip())
     local = resolve_path(name)
     return str(local) if is_local_file(local) else name
 
@@ -69,7 +75,11 @@ def derived_labels(rows: Sequence[dict[str, str]], by: str) -> list[str]:
         cuts = sorted(lengths)
         q1, q2, q3 = (cuts[len(cuts) * i // 4] for i in (1, 2, 3))
         return ["q1" if n <= q1 else "q2" if n <= q2 else "q3" if n <= q3 else "q4" for n in lengths]
-    raise DataError(f"unknown partition label {by!r}; expected 'first-word' or 'length'")
+    if by == "task":
+        if not all("task" in r for r in rows):
+            raise DataError("partition label 'task' needs task rows: data files of {query, choices, gold} rows (each labelled by its file's stem)")
+        return [r["task"] for r in rows]
+    raise DataError(f"unknown partition label {by!r}; expected 'first-word', 'length' or 'task'")
 
 
 def make_partitioner(pool: Sequence[dict[str, str]], fed: FederationConfig, num_partitions: int, seed: int = 0) -> Partitioner:
@@ -82,9 +92,12 @@ def make_partitioner(pool: Sequence[dict[str, str]], fed: FederationConfig, num_
 
     if num_partitions > len(pool):
         raise DataError(f"{num_partitions} clients but only {len(pool)} client examples: every client needs at least one")
-    table = {"instruction": [r["instruction"] for r in pool], "input": [r["input"] for r in pool], "output": [r["output"] for r in pool]}
+    table = {key: [r[key] for r in pool] for key in ("instruction", "input", "output", "task") if all(key in r for r in pool)}
     if fed.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions)
+    elif fed.partitioner == "by-task":  # partition i holds task i mod the number of tasks, each task's rows split evenly among its holders
+        table["label"] = derived_labels(pool, "task")
+        partitioner = PathologicalPartitioner(num_partitions, "label", 1, class_assignment_mode="first-deterministic", seed=seed)
     else:
         table["label"] = derived_labels(pool, fed.partition_by)
         if fed.partitioner == "dirichlet":
@@ -101,7 +114,7 @@ def partition_rows(partitioner: Partitioner, fed: FederationConfig, partition_id
     if not 0 <= partition_id < partitioner.num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{partitioner.num_partitions - 1}")
     shard = partitioner.load_partition(partition_id)
-    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in shard]
+    rows = [{key: r[key] for key in ("instruction", "input", "output", "task") if key in r} for r in shard]
     if fed.max_client_examples:
         rows = rows[: fed.max_client_examples]
     if not rows:
