@@ -31,6 +31,12 @@ def test_task_rows_put_the_loss_on_the_gold_continuation_as_the_scorer_tokenizes
     assert tokenizer.decode([t for t, label in zip(alpaca.input_ids, alpaca.labels) if label != IGNORE]).startswith("no way")
 
 
+def test_a_line_separator_inside_a_string_does_not_split_a_jsonl_row(tmp_path):
+    path = tmp_path / "sep.jsonl"  # SciQ's training file holds such characters; str.splitlines() cut its rows in two
+    path.write_text(json.dumps({"query": "a\u2028b\x85c", "choices": ["x", "y"], "gold": 1}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert load_instructions(path) == [{"instruction": "a\u2028b\x85c", "input": "", "output": "y", "task": "sep"}]
+
+
 def test_pooled_task_files_split_by_task_and_by_dirichlet_over_tasks(tmp_path):
     files = [write_task(tmp_path / f"{name}.jsonl", n, offset) for name, n, offset in (("arc", 40, 0), ("obqa", 20, 100), ("sciq", 30, 200))]
     pool = load_instructions(",".join(map(str, files)))

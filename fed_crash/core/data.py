@@ -43,7 +43,7 @@ def load_instructions(
     ``source`` is a ``.json`` list or ``.jsonl`` file, or a hub dataset name, or several local
     files separated by commas, pooled in order. A file of multiple-choice rows (``{query,
     choices, gold}``, the eval layout) becomes task rows: ``instruction`` the query, ``output``
-    the gold choice, ``task`` the file's stem (the ``task`` partition label). A malformed row
+    the gold choice, ``task`` the file's stem without a ``_train`` suffix (the ``task`` partition label). A malformed row
     raises :class:`DataError` naming its (0-based) row number, or, with ``skip_malformed``, is
     skipped and counted in the log.
     """
@@ -55,7 +55,7 @@ def load_instructions(
     else:
         raw = _read_hub(str(source), split)
     if raw and isinstance(raw[0], dict) and {"query", "choices", "gold"} <= set(raw[0]):
-        raw = [task_row(row, path.stem) for row in raw]
+        raw = [task_row(row, path.stem.removesuffix("_train")) for row in raw]
     rows, bad = [], 0
     for i, row in enumerate(raw):
         problem = _row_problem(row)
@@ -83,7 +83,8 @@ def is_local_file(path: Path) -> bool:
 def read_jsonl(path: Path) -> list[tuple[int, object]]:
     """``(1-based line number, value)`` of every non-blank line; a bad line raises naming it."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also splits on U+2028, U+0085 ..., which JSON strings may hold (SciQ's do)
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if line.strip():
             try:
                 rows.append((n, json.loads(line)))
