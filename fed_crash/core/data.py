@@ -59,10 +59,9 @@ def load_instructions(
     rows, bad = [], 0
     for i, row in enumerate(raw):
         problem = _row_problem(row)
-        if problem is None and "task" in row:
-            rows.append({"instruction": row["instruction"], "input": "", "output": row["output"], "task": row["task"]})
-        elif problem is None:
-            rows.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})
+        if problem is None:
+            rows.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"],
+                         **({"task": row["task"]} if "task" in row else {})})
         elif skip_malformed:
             bad += 1
         else:

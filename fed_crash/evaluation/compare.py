@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from typing import Sequence
+from typing import Callable, Sequence
 
 from fed_crash.config import DataConfig, EmulatorConfig, TrainConfig
 from fed_crash.core.data import load_instructions, pad_id, split_rows, tokenize
@@ -133,28 +133,35 @@ def compare_emulators(
     measure = Measure(model, untuned, held_out, tokenize(parts["train"], tokenizer, max_length=data.max_length, template=data.template),
                       pad_id(tokenizer), train, progress, dtype)
     inputs = Inputs(model, tokenizer, parts["calibration"], data, progress, dtype)
-    results, specs = [], []
+    results: list[dict] = []
 
     def save() -> None:
         (out / "compare.json").write_text(json.dumps({"model": loaded.model_id, "full_loss": measure.full_loss, "eval_examples": len(held_out),
                                                       "train_steps": train.steps if tune_budget else 0, "rows": results}, indent=1))
 
-    # every emulator zero-shot first (cheap), then the tuning runs (expensive)
-    for keep, share, variant in ((k, s, v) for k in budgets for s in shares for v in methods):
-        spec, build = inputs.plan(_config(emu, variant, keep, share))
-        row = {**_describe(spec, variant, build), **measure(spec, tune=False)}
-        log.info("%s", row)
-        results.append(row)
-        specs.append(spec)
-        save()
-    for row, spec in zip(results, specs):
-        if row["budget"] == tune_budget and row["share"] in tune_shares:
-            row.update(measure(spec, tune=True))
-            log.info("%s", row)
-            save()
+    _measure_rows(results, inputs, measure, emu, [(k, s, v) for k in budgets for s in shares for v in methods],
+                  lambda row: row["budget"] == tune_budget and row["share"] in tune_shares, save)
     (out / "compare.md").write_text(markdown(results, measure.full_loss))
     plot(results, measure.full_loss, out / "compare.png", title=f"{Path(loaded.model_id).name}: emulator zero-shot loss on {len(held_out)} held-out rows")
     return results
+
+
+def _measure_rows(results: list[dict], inputs: Inputs, measure: Measure, emu: EmulatorConfig, grid: list[tuple[int, bool, str]],
+                  tuned: Callable[[dict], bool], save: Callable[[], None]) -> None:
+    """Fill ``results``: every (budget, sharing, method) of ``grid`` zero-shot first (cheap),
+    then the tuning runs of the rows ``tuned`` picks (expensive); ``save`` after every row."""
+    specs = []
+    for keep, share, variant in grid:
+        spec, build = inputs.plan(_config(emu, variant, keep, share))
+        results.append({**_describe(spec, variant, build), **measure(spec, tune=False)})
+        specs.append(spec)
+        log.info("%s", results[-1])
+        save()
+    for row, spec in zip(results, specs):
+        if tuned(row):
+            row.update(measure(spec, tune=True))
+            log.info("%s", row)
+            save()
 
 
 def _describe(spec, variant: str, build_seconds: float) -> dict:

@@ -104,6 +104,11 @@ class Run:
     created: bool = False  # this start created the folder (write_run): it removes it if it fails before round 1 is saved
 
     @property
+    def cache(self) -> Path:
+        """The server's cache folder (``cache-dir``, else the default): CKA matrices, round-0 scores."""
+        return Path(self.cfg.fed.cache_dir) if self.cfg.fed.cache_dir else default_cache_dir()
+
+    @property
     def round_offset(self) -> int:
         return self.checkpoint.round if self.checkpoint else 0
 
@@ -148,8 +153,7 @@ def plan_or_resume(run: Run, loaded: LoadedModel) -> tuple[EmulatorSpec, torch.T
     checkpoint's, after checking that it was cut from these weights and its adapters fit them."""
     cfg, checkpoint, model = run.cfg, run.checkpoint, loaded.model
     if checkpoint is None:
-        cache = Path(cfg.fed.cache_dir) if cfg.fed.cache_dir else default_cache_dir()
-        spec, similarity = plan_emulator(model, loaded.tokenizer, run.calibration, cfg.data, cfg.emulator, progress=cfg.fed.progress, cache=cache,
+        spec, similarity = plan_emulator(model, loaded.tokenizer, run.calibration, cfg.data, cfg.emulator, progress=cfg.fed.progress, cache=run.cache,
                                          dtype=run.dtype)
     else:
         source, now = checkpoint.manifest["source"]["sha256"], state_hash(model.state_dict())
@@ -332,7 +336,7 @@ class RoundEvaluator:
                  self.spec.to_dict(), [[e.input_ids, e.labels] for e in self.held_out], self.run.mc_rows, dtype_name(self.run.dtype),
                  cfg.fed.eval_batch_size, str(next(self.loaded.model.parameters()).device.type)]
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-        path = (Path(cfg.fed.cache_dir) if cfg.fed.cache_dir else default_cache_dir()) / "scores" / f"{key}.json"
+        path = self.run.cache / "scores" / f"{key}.json"
         if path.is_file():
             log.info("round 0 scores (full model and emulator zero-shot) from the cache %s", path)
             return json.loads(path.read_text())

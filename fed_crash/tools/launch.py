@@ -145,34 +145,40 @@ def flwr_run(
     result = None
     try:
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines, run_id, killed = [], None, False
-        deadline = time.monotonic() + timeout
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if echo:
-                print(line, end="", flush=True)
-            started = re.search(r"Successfully started run (\d+)", line)
-            run_id = started.group(1) if started else run_id
-            if kill_when is not None and kill_when(line):
-                stop_local_superlink(flwr_home, kill=True)
-                proc.kill()
-                lines.append("\n[fed-crash] killed the run: its SuperLink, ServerApp and Ray processes\n")
-                killed = True
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                lines.append(f"\n[fed-crash] flwr run killed after {timeout}s\n")
-                break
+        lines, run_id, killed = _follow(proc, flwr_home=flwr_home, timeout=timeout, echo=echo, kill_when=kill_when)
         returncode = proc.wait()
-        output = "".join(lines)
         status, details = ("killed", "") if killed else run_status(run_id, full_env, connection) if run_id else ("not-started", "")
-        result = FlowerRun(returncode, run_id, status, details, output)
+        result = FlowerRun(returncode, run_id, status, details, "".join(lines))
         return result
     finally:  # a SuperLink is kept only after a run that ended by itself: one killed or timed out may have left its ServerApp running
         if not keep_superlink or result is None or not result.status.startswith("finished"):
             stop_local_superlink(flwr_home)
 
 
+
+
+def _follow(proc: subprocess.Popen, *, flwr_home: Path, timeout: float, echo: bool,
+            kill_when: Callable[[str], bool] | None) -> tuple[list[str], str | None, bool]:
+    """Read a ``flwr run --stream`` to its end: ``(output lines, run id, killed by kill_when)``;
+    past ``timeout`` the command is killed (the run itself is left to the caller)."""
+    lines, run_id = [], None
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
+        started = re.search(r"Successfully started run (\d+)", line)
+        run_id = started.group(1) if started else run_id
+        if kill_when is not None and kill_when(line):
+            stop_local_superlink(flwr_home, kill=True)
+            proc.kill()
+            lines.append("\n[fed-crash] killed the run: its SuperLink, ServerApp and Ray processes\n")
+            return lines, run_id, True
+        if time.monotonic() > deadline:
+            proc.kill()
+            lines.append(f"\n[fed-crash] flwr run killed after {timeout}s\n")
+            break
+    return lines, run_id, False
 
 
 def run_status(run_id: str, env: Mapping[str, str], connection: str | None = None) -> tuple[str, str]:
