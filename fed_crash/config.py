@@ -106,7 +106,7 @@ class EmulatorConfig(SearchOptions, CrashOptions, SpecOptions):
     options of every method (:mod:`fed_crash.selection` says which method reads which) and the
     method's name."""
 
-    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model)", choices=("uniform", "crash", "search"))
+    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model); 'full' keeps every middle layer: the privacy-free ceiling (adapters trained on the full model)", choices=("uniform", "crash", "search", "full"))
 
 
 @dataclass
@@ -224,6 +224,10 @@ class ExperimentConfig:
     cpus_per_client: int = opt(1, "CPU cores Ray reserves per client actor", min=1)
     gpus_per_client: float = opt(0.0, "GPU share per client actor", min=0.0)
     timeout: float = opt(3600.0, "seconds one cell may take before it is stopped and counted as failed", min=1.0)
+    eval_tasks: str = opt("", "after the cells: score the four models of every finished cell on these comma-separated {query, choices, gold} files, "
+                               "with the 'full' cell as the ceiling (tasks.md, frontier.png; '' = off)")
+    eval_limit: int = opt(500, "the first N questions of each eval task (0: all)", min=0)
+    eval_batch_size: int = opt(32, "continuations per forward pass when scoring the eval tasks", min=1)
 
 
 @dataclass

@@ -50,6 +50,19 @@ def test_emulator_build_prints_the_layer_map_and_writes_files(tiny_model_dir, da
     assert "distinct decoder layers: 6; removed layers stored: none" in report
 
 
+def test_tune_method_full_is_the_centralised_ceiling(tiny_model_dir, data_file, tmp_path, fed_crash_here):
+    """OFT's "FT" row: with every middle layer kept the emulator is the model, so its zero-shot and
+    fine-tuned losses are the full model's and the plug-in's, and tuning lowers them."""
+    out = tmp_path / "ceiling"
+    fed_crash_here("tune", "--model", tiny_model_dir, "--data", data_file, "--method", "full", "--steps", "10", "--lr", "3e-3",
+                   "--train-examples", "24", "--eval-examples", "8", "--out", out, "--no-progress", "--compute-dtype", "fp32")
+    report = json.loads((out / "report.json").read_text())
+    assert report["spec"]["method"] == "full" and report["spec"]["kept"] == [2, 3, 4, 5]
+    assert report["emulator_zero_shot"]["loss"] == pytest.approx(report["full_zero_shot"]["loss"], abs=1e-6)
+    assert report["emulator_fine_tuned"]["loss"] == pytest.approx(report["plug_in"]["loss"], abs=1e-6)
+    assert report["plug_in"]["loss"] < report["full_zero_shot"]["loss"]
+
+
 def test_tune_writes_the_four_model_report_and_plugin_uses_it(tiny_model_dir, data_file, tmp_path, fed_crash_here):
     out = tmp_path / "tune"
     result = fed_crash("tune", "--model", tiny_model_dir, "--data", data_file, "--method", "uniform", "--keep", "2",

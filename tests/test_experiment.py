@@ -131,6 +131,17 @@ def test_runner_skips_finished_cells_retries_failed_ones_and_summarises(tmp_path
     assert [r["resume"] for r in resumed] == [True] and (exp.folder / "fedavg_dir-0.1" / "metrics.jsonl").is_file()
     assert (exp.folder / "logs" / "fedavg_dir-0.1.log").read_text() == "outputresumed"  # the log goes on
 
+    # --cells: only the matching cells run; the others are "not selected"
+    (exp.folder / "fedavg_dir-0.1" / "cell.json").unlink()
+    (exp.folder / "fedavg_dir-0.1" / "checkpoint.json").unlink()
+    calls.clear()
+    fail.clear()
+    monkeypatch.setattr("fed_crash.tools.launch.flwr_run", fake_flwr_run)
+    assert run_experiment(exp, flwr_home=tmp_path / "home", only=["*_dir-*"]) == {"fedavg_iid": "not selected", "fedavg_dir-0.1": "finished:completed"}
+    assert calls == ["fedavg_dir-0.1"]
+    with pytest.raises(ConfigError, match=r"no cell of experiment exp matches \['nope'\]; its cells: fedavg_iid, fedavg_dir-0.1"):
+        run_experiment(exp, flwr_home=tmp_path / "home", only=["nope"])
+
     changed = load_experiment(write(tmp_path, GRID.replace('"fedavg", "fedadam"', '"fedavg"').replace("steps = 3", "steps = 4")))
     with pytest.raises(ConfigError, match="cell 'fedavg_iid' finished with another run config"):
         run_experiment(changed, flwr_home=tmp_path / "home")

@@ -139,3 +139,18 @@ def test_spec_round_trips_through_a_dict():
     assert EmulatorSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(SpecError, match="unknown emulator spec fields"):
         EmulatorSpec.from_dict({**spec.to_dict(), "colour": 1})
+
+
+def test_the_full_method_is_the_ceiling_and_only_it_may_send_every_layer(tiny_model):
+    """``full`` keeps every middle layer (the adapters train on the model itself) and is the one
+    spec check_cut lets through without a removed layer; any other method keeping them all is refused."""
+    from fed_crash.core.artifacts import PrivacyError, check_cut
+
+    spec = make_spec("full", 8, bottom=2, top=2)
+    assert spec.kept == (2, 3, 4, 5) and spec.removed == () and spec.method == "full"
+    check_cut(spec)
+    with pytest.raises(PrivacyError, match="keeps all 4 middle layers"):
+        check_cut(make_spec("uniform", 8, bottom=2, top=2, keep=4))
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(build_emulator(tiny_model, spec).model(ids).logits, tiny_model(ids).logits)

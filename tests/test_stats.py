@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fed_crash.evaluation.stats import mean_stderr, paired_bootstrap
+from fed_crash.evaluation.stats import gain_retention, mean_stderr, paired_bootstrap
 
 
 def test_mean_stderr_is_lm_evals_sample_std_over_sqrt_n():
@@ -33,3 +33,28 @@ def test_paired_bootstrap_degenerate_cases_and_an_independent_loop():
     assert got["high"] - got["low"] < 2 * unpaired
     with pytest.raises(ValueError, match="the same documents"):
         paired_bootstrap([1, 0], [1])
+
+
+def test_gain_retention_hand_computed_and_against_an_independent_loop():
+    # zero-shot right on 2 of 8, ceiling on 6 (gain 4/8), tuned on 4 (gain 2/8): half the gain kept
+    zs, ceiling, tuned = [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]
+    got = gain_retention(tuned, zs, ceiling, resamples=2000)
+    assert (got["retention"], got["gain"], got["ceiling_gain"], got["n"]) == (0.5, 0.25, 0.5, 8)
+    assert got["low"] <= 0.5 <= got["high"]
+    assert gain_retention(ceiling, zs, ceiling)["retention"] == 1.0 and gain_retention(zs, zs, ceiling)["retention"] == 0.0
+    assert gain_retention(tuned, zs, zs)["retention"] is None  # no ceiling gain: nothing to retain
+    rng = random.Random(7)
+    z = [int(rng.random() < 0.3) for _ in range(400)]
+    c = [1 if rng.random() < 0.5 else x for x in z]
+    t = [cx if rng.random() < 0.6 else zx for zx, cx in zip(z, c)]
+    got = gain_retention(t, z, c, resamples=4000, seed=5)
+    ratios = []
+    for _ in range(4000):  # the same percentile bootstrap with Python's random
+        idx = [rng.randrange(400) for _ in range(400)]
+        ratios.append(sum(t[i] - z[i] for i in idx) / sum(c[i] - z[i] for i in idx))
+    ratios.sort()
+    assert got["retention"] == pytest.approx(sum(a - b for a, b in zip(t, z)) / sum(a - b for a, b in zip(c, z)))
+    assert got["low"] == pytest.approx(ratios[100], abs=0.03) and got["high"] == pytest.approx(ratios[3899], abs=0.03)
+    assert got["undefined"] == 0.0
+    with pytest.raises(ValueError, match="the same documents"):
+        gain_retention([1], [1, 0], [1, 1])

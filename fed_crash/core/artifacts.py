@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from fed_crash.core.emulator import Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
+from fed_crash.core.emulator import CEILING, Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
 from fed_crash.core.models import layer_path, resolve_device, state_hash
 from fed_crash.errors import FedCrashError
 
@@ -54,8 +54,12 @@ def check_payload_files(names: Iterable[str]) -> None:
 
 
 def check_cut(spec: EmulatorSpec) -> None:
-    """An emulator must leave out at least one middle layer, or clients receive the full model."""
-    if not spec.removed:
+    """An emulator must leave out at least one middle layer, or clients receive the full model;
+    only the ``full`` method (the ceiling baseline, :data:`~fed_crash.core.emulator.CEILING`)
+    sends it, by name and on purpose."""
+    if not spec.removed and spec.method == CEILING:
+        log.warning("method %r: clients receive every layer of the model (the privacy-free ceiling, not offsite-tuning)", CEILING)
+    elif not spec.removed:
         raise PrivacyError(f"the emulator keeps all {len(spec.middle)} middle layers: clients would receive the full model")
 
 

@@ -39,6 +39,9 @@ class AdapterError(FedCrashError):
     """Adapters that do not match the model or emulator; the message names the tensor."""
 
 
+CEILING = "full"  # the method that keeps every middle layer: no emulator, the privacy-free ceiling
+
+
 @dataclass(frozen=True)
 class EmulatorSpec:
     """Which layers are adapters, which middle layers are kept, and what fills the rest.

@@ -24,7 +24,7 @@ from fed_crash.evaluation.stats import paired_bootstrap
 from fed_crash.core.artifacts import ArtifactError, load_adapters, load_emulator
 from fed_crash.config import DataConfig, EvalConfig, to_dict
 from fed_crash.core.data import format_prompt, load_instructions, pad_id, read_jsonl, split_rows, tokenize
-from fed_crash.core.emulator import check_adapters, plug_in
+from fed_crash.core.emulator import CEILING, check_adapters, plug_in
 from fed_crash.evaluation.mc import HUB_TASKS, METRICS, Fields, McTask, load_task, score_mc, supports_prefix_cache
 from fed_crash.core.models import load_model, state_hash
 from fed_crash.core.plots import figure
@@ -171,7 +171,9 @@ def four_model_report(
     and plug-in (``adapters`` in the full model), on the same tasks and held-out rows.
     ``full_from``: an earlier ``report.json`` of the same model, tasks and held-out rows whose
     full zero-shot scores are reused (they do not depend on the emulator; comparing emulators
-    then costs three evaluations each, not four). Writes ``report.json`` and ``report.md`` to ``out``."""
+    then costs three evaluations each, not four). For the ``full`` method's emulator, which is the
+    model, the emulator rows are the full model's and the plug-in's, not scored again. Writes
+    ``report.json`` and ``report.md`` to ``out``."""
     out = Path(out)
     start = time.perf_counter()
     loaded = load_model(model_source, cache_dir=cache_dir, device=device)
@@ -195,12 +197,19 @@ def four_model_report(
         results["full_zero_shot"] = earlier["models"]["full_zero_shot"]
     else:
         run("full_zero_shot", loaded.model)
-    run("emulator_zero_shot", emulator.model)
-    emulator.load_adapters(tuned)
-    run("emulator_fine_tuned", emulator.model)
+    folders = dict.fromkeys(MODELS, out) | ({"full_zero_shot": Path(full_from).parent} if full_from else {})
+    ceiling = manifest["spec"]["method"] == CEILING  # the "emulator" is every layer: it scores as the full model does
+    if ceiling:
+        results["emulator_zero_shot"], folders["emulator_zero_shot"] = results["full_zero_shot"], folders["full_zero_shot"]
+    else:
+        run("emulator_zero_shot", emulator.model)
+        emulator.load_adapters(tuned)
+        run("emulator_fine_tuned", emulator.model)
     plug_in(loaded.model, tuned)
     run("plug_in", loaded.model)
-    folders = {name: out for name in results} | ({"full_zero_shot": Path(full_from).parent} if full_from else {})
+    if ceiling:
+        results["emulator_fine_tuned"] = results["plug_in"]
+        results = {name: results[name] for name in MODELS}
     paired = {}
     for task in tasks:
         paired[task.name] = {}
@@ -234,8 +243,9 @@ def paired_table(paired: dict) -> str:
 
 
 def _config(data: DataConfig, cfg: EvalConfig, dtype: torch.dtype) -> dict:
-    """What decides the scores besides the model: the sample, the held-out rows, the lengths, the compute dtype."""
-    return {"data": to_dict(data), "eval": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"}, "compute_dtype": dtype_name(dtype)}
+    """What decides the scores besides the model: the sample, the held-out rows and their data
+    options (when there are any: multiple choice alone does not read --data), the compute dtype."""
+    return {"data": to_dict(data) if cfg.instruct_examples else {}, "eval": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"}, "compute_dtype": dtype_name(dtype)}
 
 
 @torch.no_grad()

@@ -31,3 +31,30 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return {"difference": float(diff.mean()), "low": float(low), "high": float(high), "level": level, "resamples": resamples, "n": len(diff)}
+
+
+def gain_retention(tuned: Sequence[float], zero_shot: Sequence[float], ceiling: Sequence[float], *, resamples: int = 10_000,
+                   level: float = 0.95, seed: int = 0) -> dict:
+    """How much of the ceiling's gain a tuned model keeps, ``(tuned - zero_shot) / (ceiling -
+    zero_shot)`` of the means over the same documents (OFT's anchor: 6.5 of 7.4 points, 0.88),
+    with a percentile bootstrap interval: each resample draws documents with replacement and keeps
+    all three models' scores on them. The ratio is undefined where the ceiling gains nothing; those
+    resamples count as undefined (``undefined``, a share); a point estimate without a ceiling
+    gain is None, and so is the interval when no resample has one."""
+    if not len(tuned) == len(zero_shot) == len(ceiling) or not len(tuned):
+        raise ValueError(f"gain retention needs the same documents, got {len(tuned)}, {len(zero_shot)} and {len(ceiling)}")
+    t, z, c = (np.asarray(x, dtype=np.float64) for x in (tuned, zero_shot, ceiling))
+    gain, room = t - z, c - z
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for done in range(0, resamples, 1000):
+        idx = rng.integers(0, len(t), size=(min(1000, resamples - done), len(t)))
+        num, den = gain[idx].mean(axis=1), room[idx].mean(axis=1)
+        ratios.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
+    ratios = np.concatenate(ratios)
+    defined = ratios[~np.isnan(ratios)]
+    tail = (1 - level) / 2
+    low, high = (float(q) for q in np.quantile(defined, [tail, 1 - tail])) if len(defined) else (None, None)
+    return {"retention": float(gain.mean() / room.mean()) if room.mean() > 0 else None, "low": low, "high": high,
+            "gain": float(gain.mean()), "ceiling_gain": float(room.mean()), "undefined": float(np.isnan(ratios).mean()),
+            "level": level, "resamples": resamples, "n": len(t)}

@@ -10,7 +10,9 @@ returns the :class:`~fed_crash.core.emulator.EmulatorSpec`:
 * ``crash`` (CRaSh, Zhang et al. 2023): cluster adjacent middle layers by linear CKA and keep the
   middle layer of each cluster;
 * ``search``: start from the better of the two and move kept layers while the divergence from
-  the full model falls (:mod:`fed_crash.selection.search`).
+  the full model falls (:mod:`fed_crash.selection.search`);
+* ``full``: every middle layer, so the adapters train on the full model itself. No privacy
+  (clients receive the whole model): the ceiling an emulator is measured against.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fed_crash.config import CrashOptions, EmulatorConfig, SearchOptions, SpecOptions
-from fed_crash.core.emulator import EdgeFill, EmulatorSpec, SpecError
+from fed_crash.core.emulator import CEILING, EdgeFill, EmulatorSpec, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,11 @@ def search(selection: Selection) -> EmulatorSpec:
              steps[0]["divergence"], steps[-1]["divergence"])
     return replace(spec, selection={"divergence": probe.divergence, "search_samples": sum(len(b["input_ids"]) for b in probe.batches),
                                     "evaluations": probe.evaluations - before, "search_seconds": round(time.perf_counter() - start, 1), "steps": steps})
+
+
+@register(CEILING, config=SpecOptions, needs_calibration=False)
+def full(selection: Selection) -> EmulatorSpec:
+    return selection.spec(CEILING, selection.middle)
 
 
 def make_spec(

@@ -160,6 +160,8 @@ def _run_commands(sub) -> None:
     experiment.add_argument("config", help="experiment file, e.g. configs/compare_strategies.toml")
     experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a base run-config key for every cell, TOML value: --set model='path/to/model' --set train.steps=2 (repeatable)")
+    experiment.add_argument("--cells", nargs="+", default=[], metavar="PATTERN",
+                            help="run only the cells whose names match one of these shell patterns ('search_*'); the summary covers every finished cell")
     experiment.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for the runs' SuperLinks; node caches live in its nodes/ during a cell (default: .flwr)")
 
 
@@ -308,11 +310,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     experiment = load_experiment(args.config, dict(_toml_assignment(item) for item in args.set))
     print(f"experiment {experiment.config.name}: {len(experiment.cells)} cells -> {experiment.folder}", flush=True)
-    statuses = run_experiment(experiment, flwr_home=Path(args.flwr_home).resolve(), echo=True)
+    statuses = run_experiment(experiment, flwr_home=Path(args.flwr_home).resolve(), echo=True, only=args.cells)
     for name, status in statuses.items():
         print(f"{name}: {status}")
     print(f"wrote {experiment.folder / 'summary.md'}")
-    return 0 if all(s in ("skipped", "finished:completed") for s in statuses.values()) else 1
+    return 0 if all(s in ("skipped", "finished:completed", "not selected") for s in statuses.values()) else 1
 
 
 def _emulator_config(args: argparse.Namespace, method: str | None = None) -> C.EmulatorConfig:

@@ -26,6 +26,7 @@ from its checkpoint (``resume=true``), so a stopped experiment continues where i
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import logging
@@ -35,7 +36,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from flwr.common.config import flatten_dict
 
@@ -123,16 +124,21 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
             parse_run_config(cell.run_config)
         except ConfigError as err:
             raise ConfigError(f"experiment cell {cell.name!r}: {err}") from None
+    if config.eval_tasks:
+        from fed_crash.tools.experiment_report import task_sources
+
+        task_sources(config.eval_tasks)
     names = [cell.name for cell in experiment.cells]
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment [grid]: two cells share a name: {sorted({n for n in names if names.count(n) > 1})}")
     return experiment
 
 
-def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = False) -> dict[str, str]:
-    """Run every unfinished cell, then write the summary. Returns each cell's status. A cell
-    that finished with another run config than the file gives it now is an error: skipping it
-    would mix two experiments in one summary."""
+def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = False, only: Sequence[str] = ()) -> dict[str, str]:
+    """Run every unfinished cell (of those whose names match a pattern of ``only``, when given),
+    then write the summary of all finished ones. Returns each cell's status ("not selected" for
+    the rest). A cell that finished with another run config than the file gives it now is an
+    error: skipping it would mix two experiments in one summary."""
     from fed_crash.tools.launch import free_port, ray_head, stop_local_superlink
 
     folder = experiment.folder
@@ -147,9 +153,14 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
     statuses: dict[str, str] = {}
     # one federation for the whole experiment: a Ray head (with the dashboard) whose workers are
     # the client actors of every cell, and one local SuperLink that runs the cells one by one
-    todo = [cell for cell in experiment.cells if not (folder / cell.name / CELL_FILE).is_file()]
+    selected = [cell for cell in experiment.cells if not only or any(fnmatch.fnmatchcase(cell.name, pattern) for pattern in only)]
+    if only and not selected:
+        raise ConfigError(f"no cell of experiment {experiment.config.name} matches {list(only)}; its cells: {', '.join(c.name for c in experiment.cells)}")
+    todo = [cell for cell in selected if not (folder / cell.name / CELL_FILE).is_file()]
     for cell in experiment.cells:
-        if cell not in todo:
+        if cell not in selected:
+            statuses[cell.name] = "not selected"
+        elif cell not in todo:
             log.info("cell %s: finished before, skipped", cell.name)
             statuses[cell.name] = "skipped"
     if todo:
@@ -163,6 +174,11 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
             finally:
                 stop_local_superlink(flwr_home)
     statuses = {cell.name: statuses[cell.name] for cell in experiment.cells}  # in the file's order
+    if experiment.config.eval_tasks and _finished(experiment):
+        from fed_crash.tools.experiment_report import report_cells, write_tasks_summary
+
+        finished = _finished(experiment)
+        write_tasks_summary(experiment, finished, report_cells(experiment, finished))
     write_summary(experiment)
     return statuses
 
@@ -239,6 +255,19 @@ def summary_table(experiment: Experiment) -> str:
     return "\n".join(rows)
 
 
+def seeds_summary(finished: list[tuple[Cell, dict, list[dict]]]) -> str:
+    """Markdown: per group of seed repeats, the final plug-in loss's mean and spread ('' when no cell is repeated)."""
+    import statistics
+
+    from fed_crash.tools.experiment_report import seed_groups
+
+    final = {cell.name: history[-1]["server"]["plugin_loss"] for cell, _, history in finished}
+    rows = [f"| {name} | {len(members)} | {statistics.mean(final[m] for m in members):.4f} ± {statistics.stdev(final[m] for m in members):.4f} | "
+            f"{min(final[m] for m in members):.4f}-{max(final[m] for m in members):.4f} |"
+            for name, members in seed_groups([cell for cell, _, _ in finished]).items()]
+    return "\n".join(["| configuration | seeds | final plug-in loss | range |", "|---|---|---|---|", *rows]) if rows else ""
+
+
 def write_summary(experiment: Experiment) -> Path:
     """``summary.md`` (table, and the cells not finished), ``loss.png`` (plug-in loss per round,
     one line per cell) and ``accuracy.png`` (final plug-in accuracy, when an mc-task was set)."""
@@ -250,6 +279,12 @@ def write_summary(experiment: Experiment) -> Path:
             f"{experiment.config.num_supernodes} simulated clients per cell.", "", summary_table(experiment)]
     if missing:
         text += ["", "Not finished: " + ", ".join(missing)]
+    repeats = seeds_summary(finished)
+    if repeats:
+        text += ["", "Over seeds (cells that differ only in seed or train.seed): final plug-in loss, mean ± sample standard deviation.",
+                 "", repeats]
+    if (folder / "tasks.md").is_file():
+        text += ["", "Multiple-choice tasks, the ceiling and gain retention: [tasks.md](tasks.md)."]
     if finished:
         _plot_losses(finished, folder / "loss.png")
         text += ["", "![plug-in loss per round](loss.png)"]

@@ -1,0 +1,230 @@
+"""What an experiment's cells are judged by on multiple-choice tasks (``[experiment] eval-tasks``).
+
+After the cells ran, the four models of every finished cell (full zero-shot, emulator
+zero-shot, emulator fine-tuned, plug-in: :func:`fed_crash.evaluation.report.four_model_report`)
+are scored on the same first ``eval-limit`` questions of each task, with a record per question,
+into ``<cell>/report/``. The full model's zero-shot scores are computed once per model. From
+those records, per task and cell:
+
+* the plug-in's gain over the full model zero-shot, with its paired bootstrap 95% interval;
+* the **ceiling**: the plug-in of the cell that trains the same adapters on the full model
+  (emulator method ``full``) and otherwise has the same run config; and the share of the
+  ceiling's gain the plug-in keeps (:func:`fed_crash.evaluation.stats.gain_retention`);
+* bytes per client (everything sent and received over the run, the emulator included) and the
+  clients' peak resident memory;
+* over cells that differ only in their seeds: the mean and spread of the plug-in's accuracy and gain.
+
+``tasks.md`` holds the tables and ``frontier.png`` plots plug-in accuracy against bytes sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from pathlib import Path
+
+from fed_crash.config import ConfigError, EvalConfig, parse_run_config, resolve_path
+from fed_crash.core.emulator import CEILING
+from fed_crash.core.models import resolve_device
+from fed_crash.core.plots import figure
+from fed_crash.core.precision import compute_dtype
+from fed_crash.evaluation.report import four_model_report, load_tasks
+from fed_crash.evaluation.stats import gain_retention, paired_bootstrap
+from fed_crash.federation.checkpoint import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+REPORT = "report"  # <cell>/report/: report.json, report.md, samples-<model>-<task>.jsonl
+SEED_KEYS = ("seed", "train.seed")  # cells that differ only here are repeats of one configuration
+METRIC = "acc"  # the summary's accuracy; report.json holds acc_norm and acc_bytes as well
+
+
+def task_sources(eval_tasks: str) -> list[str]:
+    """``eval-tasks``' files, each resolved like every path of an experiment file; a missing one fails by name."""
+    sources = [str(resolve_path(source.strip())) for source in eval_tasks.split(",") if source.strip()]
+    for source in sources:
+        if not Path(source).is_file():
+            raise ConfigError(f"experiment [experiment] eval-tasks: {source} does not exist")
+    return sources
+
+
+def report_cells(experiment, finished: list) -> dict[str, dict]:
+    """The four-model report of every finished cell on ``eval-tasks`` (the first ``eval-limit``
+    questions of each), written to ``<cell>/report/``; a cell whose report covers the same
+    questions is read back, one interrupted half-way is scored again. Returns cell -> report."""
+    cfg = experiment.config
+    eval_cfg = EvalConfig(limit=cfg.eval_limit, first=cfg.eval_limit > 0, batch_size=cfg.eval_batch_size)
+    tasks = load_tasks(task_sources(cfg.eval_tasks), eval_cfg)
+    task_info = {t.name: {"source": t.source, "n": len(t.rows)} for t in tasks}
+    reports, full_from = {}, {}  # model -> the first report.json, whose full zero-shot scores the other cells reuse
+    for i, (cell, _, _) in enumerate(finished, 1):
+        run_dir = experiment.folder / cell.name
+        out = run_dir / REPORT
+        run = parse_run_config(cell.run_config)
+        if (out / "report.json").is_file() and json.loads((out / "report.json").read_text())["tasks"] == task_info:
+            reports[cell.name] = json.loads((out / "report.json").read_text())
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # an attempt stopped half-way, or another task sample
+            checkpoint = read_checkpoint(run_dir)
+            log.info("cell %d/%d %s: scoring its four models on %s", i, len(finished), cell.name, ", ".join(task_info))
+            reports[cell.name] = four_model_report(
+                run.fed.model, checkpoint.emulator, run_dir / "adapters" / f"round-{checkpoint.round}.safetensors", tasks, run.data,
+                eval_cfg, out, cache_dir=run.fed.cache_dir or None, progress=False, full_from=full_from.get(run.fed.model),
+                dtype=compute_dtype(run.compute.compute_dtype, resolve_device(None)))
+        full_from.setdefault(run.fed.model, out / "report.json")
+    return reports
+
+
+def _samples(experiment, cell_name: str, report: dict, model: str, task: str) -> list[dict]:
+    """One model's per-question records on ``task``, from the folder that scored it."""
+    folder = Path(report["full_from"]).parent if model == "full_zero_shot" and report.get("full_from") else experiment.folder / cell_name / REPORT
+    return [json.loads(line) for line in (folder / report["models"][model]["tasks"][task]["samples_file"]).read_text().splitlines() if line]
+
+
+def _correct(rows: list[dict]) -> list[int]:
+    return [row["correct"][METRIC] for row in rows]
+
+
+def ceiling_of(cell, cells: list) -> str | None:
+    """The cell that trains the same adapters on the full model: method ``full``, the rest of the
+    run config equal (emulator options other than the method do not apply to it)."""
+    def rest(c) -> dict:
+        return {k: v for k, v in c.run_config.items() if not k.startswith("emulator.")}
+
+    if cell.run_config.get("emulator.method") == CEILING:
+        return None
+    for other in cells:
+        if other.run_config.get("emulator.method") == CEILING and rest(other) == rest(cell):
+            return other.name
+    return None
+
+
+def traffic(history: list[dict]) -> tuple[float, float]:
+    """Mean MB per client over the run (down and up, the emulator included) and the clients' peak resident MiB."""
+    per_client: dict[str, float] = {}
+    for line in history:
+        for key in ("bytes_down_per_client", "bytes_up_per_client"):
+            for client, n in line.get(key, {}).items():
+                per_client[client] = per_client.get(client, 0) + n
+    peak = max((c.get("peak-rss-mib", 0.0) for line in history for c in line.get("clients", [])), default=0.0)
+    return (sum(per_client.values()) / len(per_client) / 1e6 if per_client else 0.0), peak
+
+
+def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict]:
+    """One row per cell and task: the five accuracies (with lm-eval's stderr), the plug-in's gain
+    over zero-shot and its share of the ceiling's gain (paired, with 95% intervals), MB per
+    client and peak memory."""
+    cells = [cell for cell, _, _ in finished]
+    rows = []
+    for cell, _, history in finished:
+        report = reports[cell.name]
+        ceiling = ceiling_of(cell, cells)
+        mb, peak = traffic(history)
+        for task in report["tasks"]:
+            scores = {m: report["models"][m]["tasks"][task] for m in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in")}
+            zero_shot, plug_in = (_correct(_samples(experiment, cell.name, report, m, task)) for m in ("full_zero_shot", "plug_in"))
+            row = {"cell": cell.name, "task": task, "n": len(plug_in), "mb_per_client": mb, "peak_rss_mib": peak,
+                   **{m: (s[METRIC], s[f"{METRIC}_stderr"]) for m, s in scores.items()},
+                   "gain": paired_bootstrap(plug_in, zero_shot)}
+            if ceiling and ceiling in reports:
+                top = _correct(_samples(experiment, ceiling, reports[ceiling], "plug_in", task))
+                row["ceiling"] = (sum(top) / len(top), reports[ceiling]["models"]["plug_in"]["tasks"][task][f"{METRIC}_stderr"])
+                row["retention"] = gain_retention(plug_in, zero_shot, top)
+            rows.append(row)
+    return rows
+
+
+def _pct(value_stderr: tuple[float, float]) -> str:
+    return f"{100 * value_stderr[0]:.1f} ± {100 * value_stderr[1]:.1f}"
+
+
+def _interval(d: dict, key: str = "difference", scale: float = 100.0, fmt: str = "+.1f") -> str:
+    return f"{scale * d[key]:{fmt}} [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]"
+
+
+def tasks_table(rows: list[dict]) -> str:
+    head = ["cell", "task", "n", "full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in", "ceiling",
+            "plug-in - zero-shot (points)", "gain retained", "MB per client", "client peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        retention = r.get("retention")
+        kept = "-" if not retention else ("no ceiling gain" if retention["retention"] is None else _interval(retention, "retention", 100, ".0f") + " %")
+        lines.append(f"| {r['cell']} | {r['task']} | {r['n']} | {_pct(r['full_zero_shot'])} | {_pct(r['emulator_zero_shot'])} | "
+                     f"{_pct(r['emulator_fine_tuned'])} | {_pct(r['plug_in'])} | {_pct(r['ceiling']) if 'ceiling' in r else '-'} | "
+                     f"{_interval(r['gain'])} | {kept} | {r['mb_per_client']:.0f} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def seed_groups(cells: list) -> dict[str, list[str]]:
+    """Cells that differ only in :data:`SEED_KEYS`, by a name made of their shared axes' variants."""
+    groups: dict[str, list] = {}
+    for cell in cells:
+        key = json.dumps({k: v for k, v in cell.run_config.items() if k not in SEED_KEYS}, sort_keys=True)
+        groups.setdefault(key, []).append(cell)
+    out = {}
+    for members in groups.values():
+        if len(members) > 1:
+            varying = {axis for axis in members[0].axes if len({m.axes[axis] for m in members}) > 1}
+            name = "_".join(v for axis, v in members[0].axes.items() if axis not in varying) or "base"
+            out[name] = [m.name for m in members]
+    return out
+
+
+def seeds_table(rows: list[dict], groups: dict[str, list[str]]) -> str:
+    """Per group of seed repeats and task: mean and sample standard deviation of the plug-in's
+    accuracy and of its gain over zero-shot, and how many repeats beat zero-shot beyond the interval."""
+    if not groups:
+        return ""
+    lines = ["| configuration | task | seeds | plug-in acc (mean ± sd) | plug-in - zero-shot, points (mean ± sd) | repeats beating zero-shot beyond the 95% interval |",
+             "|---|---|---|---|---|---|"]
+    for name, members in groups.items():
+        for task in dict.fromkeys(r["task"] for r in rows):
+            picked = [r for r in rows if r["cell"] in members and r["task"] == task]
+            if len(picked) < 2:
+                continue
+            acc = [100 * r["plug_in"][0] for r in picked]
+            gain = [100 * r["gain"]["difference"] for r in picked]
+            beyond = sum(r["gain"]["low"] > 0 for r in picked)
+            lines.append(f"| {name} | {task} | {len(picked)} | {statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f} | "
+                         f"{statistics.mean(gain):+.1f} ± {statistics.stdev(gain):.1f} | {beyond} of {len(picked)} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    """Plug-in accuracy (mean over tasks) against MB per client: the privacy-utility-cost frontier,
+    with the full model's zero-shot accuracy as the line to beat."""
+    by_cell: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault(r["cell"], []).append(r)
+    with figure(path, figsize=(8, 5), dpi=110) as (_, ax):
+        for name, picked in by_cell.items():
+            x, y = picked[0]["mb_per_client"], 100 * statistics.mean(r["plug_in"][0] for r in picked)
+            ax.plot([x], [y], "o")
+            ax.annotate(name, (x, y), fontsize="x-small", xytext=(4, 2), textcoords="offset points")
+        zero_shot = 100 * statistics.mean(r["full_zero_shot"][0] for r in next(iter(by_cell.values())))
+        ax.axhline(zero_shot, color="grey", linestyle="--", label=f"full model zero-shot ({zero_shot:.1f})")
+        ax.set_xlabel("MB sent and received per client over the run")
+        ax.set_ylabel(f"plug-in {METRIC} (%), mean over {len(next(iter(by_cell.values())))} tasks")
+        ax.legend(fontsize="small")
+
+
+def write_tasks_summary(experiment, finished: list, reports: dict[str, dict]) -> Path:
+    """``tasks.md`` (the per-task table, the seeds table) and ``frontier.png``; ``tasks.json`` holds every figure."""
+    rows = task_rows(experiment, finished, reports)
+    groups = seed_groups([cell for cell, _, _ in finished])
+    folder = experiment.folder
+    plot_frontier(rows, folder / "frontier.png")
+    n = sorted({r["n"] for r in rows})
+    text = [f"# {experiment.config.name}: multiple-choice tasks", "",
+            f"{METRIC} in percent ± lm-eval's stderr, on the first {', '.join(map(str, n))} questions of each task; differences and "
+            "gain retention with paired bootstrap 95% intervals over the same questions (10,000 resamples). Ceiling: the plug-in "
+            f"of the cell with emulator method '{CEILING}' and otherwise the same run config. One run per cell unless the seeds table says otherwise.",
+            "", tasks_table(rows)]
+    if groups:
+        text += ["", "## Over seeds", "", seeds_table(rows, groups)]
+    text += ["", "![plug-in accuracy against bytes per client](frontier.png)"]
+    (folder / "tasks.md").write_text("\n".join(text) + "\n")
+    (folder / "tasks.json").write_text(json.dumps({"rows": rows, "seed_groups": groups}, indent=1))
+    return folder / "tasks.md"

@@ -1,0 +1,109 @@
+"""An experiment's multiple-choice report (``eval-tasks``): the four models of every cell scored
+for real on a tiny model, the ``full`` cell as each cell's ceiling, gain retention and the seed
+table recomputed here from the per-question records, and a second pass that scores nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fed_crash.core.artifacts import save_adapters, save_emulator
+from fed_crash.core.emulator import build_emulator
+from fed_crash.core.models import load_model
+from fed_crash.evaluation.stats import gain_retention, paired_bootstrap
+from fed_crash.federation.checkpoint import StrategyState, write_checkpoint
+from fed_crash.selection import make_spec
+from fed_crash.tools.experiment import CELL_FILE, load_experiment, run_experiment
+from tests.conftest import ROWS
+
+EXPERIMENT = """
+[experiment]
+name = "tasks"
+results-dir = "{results}"
+num-supernodes = 2
+eval-tasks = "{mc}"
+eval-limit = 0
+
+[base]
+model = "{model}"
+[base.emulator]
+keep = 2
+
+[grid.emulator]
+uniform = {{ emulator = {{ method = "uniform" }} }}
+full = {{ emulator = {{ method = "full" }} }}
+
+[grid]
+seed = [0, 1]
+"""
+
+
+def finished_cell(folder, loaded, cell, nudge: float) -> None:
+    """What a finished cell leaves behind: its emulator, final adapters (the model's own, moved by
+    ``nudge``), checkpoint, metrics and cell.json: the report reads nothing else."""
+    spec = make_spec(cell.run_config["emulator.method"], 8, bottom=2, top=2, keep=2)
+    run_dir = folder / cell.name
+    emulator = save_emulator(run_dir / "emulator", loaded.model, loaded.tokenizer, spec, source_id=loaded.model_id)
+    generator = torch.Generator().manual_seed(int(cell.run_config["seed"]))
+    adapters = {k: v + nudge * torch.randn(v.shape, generator=generator) for k, v in build_emulator(loaded.model, spec).adapter_state().items()}
+    path = save_adapters(run_dir / "adapters" / "round-1.safetensors", adapters, {"round": 1})
+    write_checkpoint(run_dir, 1, path, StrategyState(), emulator, 1.0)
+    history = [{"round": r, "server": {"plugin_loss": 2.0 - 0.1 * r - 0.01 * int(cell.run_config["seed"])},
+                "bytes_down": 4e6, "bytes_up": 2e6, "bytes_down_per_client": {"0": 3e6, "1": 1e6}, "bytes_up_per_client": {"0": 1e6, "1": 1e6},
+                "clients": [{"peak-rss-mib": 100.0 + r}]} for r in (0, 1)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(h) for h in history))
+    (run_dir / CELL_FILE).write_text(json.dumps({"status": "finished:completed", "wall_seconds": 1.0, "axes": cell.axes, "run_config": cell.run_config}))
+
+
+def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny_model_dir, monkeypatch):
+    mc = tmp_path / "quiz.jsonl"
+    mc.write_text("\n".join(json.dumps({"query": f"Q: {r['instruction']}\nA:", "choices": ["a", "b", "c"], "gold": i % 3})
+                            for i, r in enumerate(ROWS[:12])))
+    exp = load_experiment(_write(tmp_path, mc, tiny_model_dir))
+    assert [c.name for c in exp.cells] == ["uniform_0", "uniform_1", "full_0", "full_1"]
+    loaded = load_model(str(tiny_model_dir))
+    for cell in exp.cells:
+        finished_cell(exp.folder, loaded, cell, nudge=4.0 if cell.run_config["emulator.method"] == "full" else 2.0)
+    run_experiment(exp, flwr_home=tmp_path / "home")  # every cell finished: no federation starts, the report runs
+
+    rows = json.loads((exp.folder / "tasks.json").read_text())["rows"]
+    assert [(r["cell"], r["task"], r["n"]) for r in rows] == [(c.name, "quiz", 12) for c in exp.cells]
+
+    def correct(cell: str, model: str) -> list[int]:
+        folder = exp.folder / ("uniform_0" if model == "full_zero_shot" else cell) / "report"  # the first cell scored the full model once
+        return [json.loads(line)["correct"]["acc"] for line in (folder / f"samples-{model}-quiz.jsonl").read_text().splitlines()]
+
+    for row in rows:
+        zero_shot, plug_in = correct(row["cell"], "full_zero_shot"), correct(row["cell"], "plug_in")
+        assert row["gain"] == paired_bootstrap(plug_in, zero_shot)
+        assert row["mb_per_client"] == pytest.approx((2 * 4e6 + 2 * 2e6) / 2 / 1e6) and row["peak_rss_mib"] == 101.0
+        if row["cell"].startswith("full"):
+            assert "ceiling" not in row and "retention" not in row
+        else:  # uniform_<seed>'s ceiling is full_<seed>
+            ceiling = correct("full_" + row["cell"][-1], "plug_in")
+            assert row["ceiling"][0] == pytest.approx(sum(ceiling) / 12)
+            assert json.dumps(row["retention"]) == json.dumps(gain_retention(plug_in, zero_shot, ceiling))
+    text = (exp.folder / "tasks.md").read_text()
+    assert "| uniform_0 | quiz | 12 |" in text and (exp.folder / "frontier.png").stat().st_size > 0
+    assert "| uniform | quiz | 2 |" in text and "| full | quiz | 2 |" in text  # the seeds table: two repeats each
+    summary = (exp.folder / "summary.md").read_text()
+    assert "| uniform | 2 | 1.8950 ± 0.0071 | 1.8900-1.9000 |" in summary and "[tasks.md](tasks.md)" in summary
+
+    monkeypatch.setattr("fed_crash.tools.experiment_report.four_model_report", lambda *a, **k: pytest.fail("a scored cell was scored again"))
+    run_experiment(exp, flwr_home=tmp_path / "home")
+    assert json.loads((exp.folder / "tasks.json").read_text())["rows"] == rows
+
+
+def test_a_missing_eval_task_fails_when_the_experiment_is_read(tmp_path, tiny_model_dir):
+    from fed_crash.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval-tasks: .*nope.jsonl does not exist"):
+        load_experiment(_write(tmp_path, tmp_path / "nope.jsonl", tiny_model_dir))
+
+
+def _write(tmp_path, mc, model):
+    path = tmp_path / "tasks.toml"
+    path.write_text(EXPERIMENT.format(results=tmp_path / "results", mc=mc, model=model))
+    return path
