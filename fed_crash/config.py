@@ -101,12 +101,20 @@ class SearchOptions:
 
 
 @dataclass
-class EmulatorConfig(SearchOptions, CrashOptions, SpecOptions):
+class FullLoraOptions:
+    """The ``full-lora`` baseline's LoRA (FlowerTune's LLM example uses rank 32, alpha 64)."""
+
+    full_lora_rank: int = opt(32, "full-lora: LoRA rank on every linear layer of the full model", min=1)
+    full_lora_alpha: int = opt(64, "full-lora: LoRA alpha (the update is scaled by alpha / rank)", min=1)
+
+
+@dataclass
+class EmulatorConfig(FullLoraOptions, SearchOptions, CrashOptions, SpecOptions):
     """Every emulator option (the CLI's flags, the run config's ``emulator.*`` section): the
     options of every method (:mod:`fed_crash.selection` says which method reads which) and the
     method's name."""
 
-    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model); 'full' keeps every middle layer: the privacy-free ceiling (adapters trained on the full model)", choices=("uniform", "crash", "search", "full"))
+    method: str = opt("uniform", "how to choose the kept middle layers: 'uniform' (OFT), 'crash' (CKA clusters) or 'search' (lowest divergence from the full model); 'full' keeps every middle layer: the privacy-free ceiling (adapters trained on the full model); 'full-lora': no adapter layers, LoRA on every linear layer of the full model (FlowerTune's baseline)", choices=("uniform", "crash", "search", "full", "full-lora"))
 
 
 @dataclass
@@ -281,6 +289,9 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
     top = {group: from_mapping(cls, parts[group], where="run config") for group, cls in TOP_LEVEL.items()}
     cfg = RunConfig(top["fed"], top["data"], *(from_mapping(cls, parts[section], where=f"run config [{section}]") for section, cls in SECTIONS.items()),
                     compute=top["compute"])
+    if cfg.train.lora_rank > 0 and cfg.emulator.method == "full-lora":
+        raise ConfigError("run config: train.lora-rank is LoRA on the adapter layers, which emulator.method 'full-lora' has none of "
+                          "(its LoRA is emulator.full-lora-rank and emulator.full-lora-alpha): set train.lora-rank = 0")
     if cfg.train.lora_rank > 0 and (cfg.fed.fedbiot_lambda > 0 or (cfg.fed.strategy.lower() == "fedprox" and cfg.fed.proximal_mu > 0)):
         # with LoRA the adapter weights are frozen and the term would be a constant: no effect
         raise ConfigError("run config: proximal terms (fedprox's proximal-mu, fedbiot-lambda) need full adapter training (train.lora-rank = 0)")

@@ -73,7 +73,7 @@ def test_name_lists_agree_with_their_registries():
 
     assert tuple(HUB_TASKS) == HUB_TASK_NAMES and tuple(VARIANTS) == COMPARE_METHODS
     method_field = next(f for f in dataclasses.fields(EmulatorConfig) if f.name == "method")
-    assert tuple(METHODS) == method_field.metadata["choices"] == ("uniform", "crash", "search", "full")
+    assert tuple(METHODS) == method_field.metadata["choices"] == ("uniform", "crash", "search", "full", "full-lora")
 
 
 def test_a_train_reply_with_unknown_missing_or_odd_metrics_is_rejected_by_name():

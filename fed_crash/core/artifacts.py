@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from fed_crash.core.emulator import CEILING, Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
+from fed_crash.core.emulator import CEILING, FULL_LORA, Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
+from fed_crash.core.lora import is_lora_key
 from fed_crash.core.models import layer_path, resolve_device, state_hash
 from fed_crash.errors import FedCrashError
 
@@ -55,10 +56,9 @@ def check_payload_files(names: Iterable[str]) -> None:
 
 def check_cut(spec: EmulatorSpec) -> None:
     """An emulator must leave out at least one middle layer, or clients receive the full model;
-    only the ``full`` method (the ceiling baseline, :data:`~fed_crash.core.emulator.CEILING`)
-    sends it, by name and on purpose."""
-    if not spec.removed and spec.method == CEILING:
-        log.warning("method %r: clients receive every layer of the model (the privacy-free ceiling, not offsite-tuning)", CEILING)
+    only the baselines ``full`` (the ceiling) and ``full-lora`` send it, by name and on purpose."""
+    if not spec.removed and spec.method in (CEILING, FULL_LORA):
+        log.warning("method %r: clients receive every layer of the model (a privacy-free baseline, not offsite-tuning)", spec.method)
     elif not spec.removed:
         raise PrivacyError(f"the emulator keeps all {len(spec.middle)} middle layers: clients would receive the full model")
 
@@ -196,7 +196,7 @@ def load_emulator(
         adapters = folder / ADAPTERS
     adapter_weights = adapters if isinstance(adapters, dict) else load_adapters(adapters)
     expected = {f"{manifest['layer_prefix']}.{i}." for i in spec.adapters}
-    stray = sorted(k for k in adapter_weights if not k.startswith(tuple(expected)))
+    stray = sorted(k for k in adapter_weights if not (is_lora_key(k) if spec.lora_rank else k.startswith(tuple(expected))))
     if stray:
         raise ArtifactError(f"adapter tensor {stray[0]!r} is not an adapter layer of this emulator (adapters: layers {list(spec.adapters)})")
     emulator = assemble(AutoConfig.from_pretrained(folder), {**weights, **adapter_weights}, spec)

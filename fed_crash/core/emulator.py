@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from fed_crash.core.lora import add_lora, initial_lora, is_lora_key, load_lora, lora_parameters, lora_state
 from fed_crash.core.models import get_layers, layer_path, set_layers, tied_head
 from fed_crash.errors import FedCrashError
 
@@ -40,6 +41,7 @@ class AdapterError(FedCrashError):
 
 
 CEILING = "full"  # the method that keeps every middle layer: no emulator, the privacy-free ceiling
+FULL_LORA = "full-lora"  # FlowerTune's baseline: LoRA on every linear layer of the full model (fed_crash.core.lora)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class EmulatorSpec:
     method: str = "uniform"
     clusters: tuple[tuple[int, ...], ...] = field(default=())
     selection: dict = field(default_factory=dict, compare=False)  # how the kept set was chosen (JSON): pooling, search steps
+    lora_rank: int = 0  # > 0: what trains is LoRA of this rank on every linear layer (FULL_LORA), not adapter layers
+    lora_alpha: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kept", tuple(int(i) for i in self.kept))
@@ -80,6 +84,9 @@ class EmulatorSpec:
         outside = [i for i in self.kept if not b <= i < L - t]
         if outside:
             raise SpecError(f"kept layers {outside} are outside the middle span {b}..{L - t - 1}")
+        if self.lora_rank < 0 or (self.lora_rank and (b or t or self.removed or self.lora_alpha <= 0)):
+            raise SpecError(f"LoRA on every layer (rank {self.lora_rank}, alpha {self.lora_alpha}) takes a positive rank and alpha, "
+                            f"no adapter layers (bottom {b}, top {t}) and no removed layer")
         if self.edge_fill not in ("nearest", "adapter"):
             raise SpecError(f"edge_fill must be 'nearest' or 'adapter', got {self.edge_fill!r}")
 
@@ -147,6 +154,8 @@ class EmulatorSpec:
     def describe(self) -> str:
         kinds = {"adapter": "A", "kept": "K", "shared": "S", "frozen_copy": "F"}
         cells = " ".join(f"{src}{kinds[role]}" for src, role in self.layer_map())
+        if self.lora_rank:
+            return f"{self.method}: LoRA rank {self.lora_rank} (alpha {self.lora_alpha}) on every linear layer of all {self.num_layers} layers, all frozen"
         return (
             f"{self.method}: {self.bottom}+{len(self.kept)}+{self.top} of {self.num_layers} layers, "
             f"depth {len(self.layer_map())}, share={self.share}\n  [{cells}]\n"
@@ -200,8 +209,11 @@ def emulator_weights(emulator: "Emulator") -> dict[str, torch.Tensor]:
 
 
 def adapter_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torch.Tensor]:
-    """The adapter layers of a full model, keyed by their original layer index."""
+    """The adapter layers of a full model, keyed by their original layer index; under LoRA
+    (``spec.lora_rank``) the matrices every client starts from (:func:`fed_crash.core.lora.initial_lora`)."""
     _check_depth(model, spec)
+    if spec.lora_rank:
+        return initial_lora(model, spec.lora_rank)
     prefix = layer_path(model)
     adapters = set(spec.adapters)
     return {
@@ -238,7 +250,13 @@ def check_adapters(adapters: dict[str, torch.Tensor], expected: dict[str, torch.
 @torch.no_grad()
 def plug_in(model: PreTrainedModel, adapters: dict[str, torch.Tensor]) -> PreTrainedModel:
     """Write tuned adapters back into the full model at their original layer indices, in place.
-    The expected key set is read from the adapters' own layer indices, checked against the model."""
+    The expected key set is read from the adapters' own layer indices, checked against the model.
+    LoRA matrices (``full-lora``) go into the model's LoRA, which the model is given the first time."""
+    if any(is_lora_key(k) for k in adapters):
+        rank = next((v.shape[0] for k, v in adapters.items() if k.endswith(".lora_A") and v.ndim == 2), 1)
+        add_lora(model, rank, alpha=rank)  # scaling 1: the exchanged B holds the client's (lora_state)
+        load_lora(model, adapters, "the full model")
+        return model
     prefix = layer_path(model)
     state = model.state_dict()
     indices = set()
@@ -283,19 +301,26 @@ class Emulator:
         }
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Current adapter weights, detached copies on CPU, under the full model's keys."""
+        """Current adapter weights, detached copies on CPU, under the full model's keys (LoRA's
+        matrices in their exchange format under ``full-lora``: :func:`fed_crash.core.lora.lora_state`)."""
+        if self.spec.lora_rank:
+            return lora_state(self.model)
         return {key: tensor.detach().to("cpu").clone() for key, tensor in self._adapter_tensors().items()}
 
     @torch.no_grad()
     def load_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
         """Copy ``adapters`` into the adapter layers, checked against them in place (every round
         on client and server: no copy of the adapters just to read their shapes)."""
+        if self.spec.lora_rank:
+            return load_lora(self.model, adapters, "the emulator")
         live = self._adapter_tensors()
         check_adapters(adapters, live, "the emulator")
         for key, tensor in live.items():
             tensor.copy_(adapters[key])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.spec.lora_rank:
+            return lora_parameters(self.model)
         return [p for _, module in self.adapter_modules() for p in module.parameters()]
 
 
@@ -307,6 +332,8 @@ def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: Emu
     a data owner's emulator then costs its size once in memory, not twice, and assembles
     faster. The adapter layers, which train, get copies, so the caller's tensors never change.
     """
+    lora = {k: v for k, v in state.items() if is_lora_key(k)}  # full-lora's matrices go in once the model has LoRA
+    state = {k: v for k, v in state.items() if k not in lora}
     slots = spec.slots()
     slot_of = {slot: i for i, slot in enumerate(slots)}
     cfg = copy.deepcopy(config)
@@ -344,6 +371,9 @@ def assemble(config: PretrainedConfig, state: dict[str, torch.Tensor], spec: Emu
         model.config.layer_types = [layer_types[src] for src, _ in spec.layer_map()]
     emulator = Emulator(model, spec)
     model.requires_grad_(False)
+    if spec.lora_rank:
+        add_lora(model, spec.lora_rank, spec.lora_alpha)
+        emulator.load_adapters(lora or initial_lora(model, spec.lora_rank))
     for param in emulator.trainable_parameters():
         param.requires_grad_(True)
     model.eval()

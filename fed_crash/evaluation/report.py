@@ -24,7 +24,7 @@ from fed_crash.evaluation.stats import paired_bootstrap
 from fed_crash.core.artifacts import ArtifactError, load_adapters, load_emulator
 from fed_crash.config import DataConfig, EvalConfig, to_dict
 from fed_crash.core.data import format_prompt, load_instructions, pad_id, read_jsonl, split_rows, tokenize
-from fed_crash.core.emulator import CEILING, check_adapters, plug_in
+from fed_crash.core.emulator import EmulatorSpec, check_adapters, plug_in
 from fed_crash.evaluation.mc import HUB_TASKS, METRICS, Fields, McTask, load_task, score_mc, supports_prefix_cache
 from fed_crash.core.models import load_model, state_hash
 from fed_crash.core.plots import figure
@@ -171,8 +171,9 @@ def four_model_report(
     and plug-in (``adapters`` in the full model), on the same tasks and held-out rows.
     ``full_from``: an earlier ``report.json`` of the same model, tasks and held-out rows whose
     full zero-shot scores are reused (they do not depend on the emulator; comparing emulators
-    then costs three evaluations each, not four). For the ``full`` method's emulator, which is the
-    model, the emulator rows are the full model's and the plug-in's, not scored again. Writes
+    then costs three evaluations each, not four). For an emulator that removes no layer (the
+    ``full`` and ``full-lora`` baselines), which is the model, the emulator rows are the full
+    model's and the plug-in's, not scored again. Writes
     ``report.json`` and ``report.md`` to ``out``."""
     out = Path(out)
     start = time.perf_counter()
@@ -198,7 +199,7 @@ def four_model_report(
     else:
         run("full_zero_shot", loaded.model)
     folders = dict.fromkeys(MODELS, out) | ({"full_zero_shot": Path(full_from).parent} if full_from else {})
-    ceiling = manifest["spec"]["method"] == CEILING  # the "emulator" is every layer: it scores as the full model does
+    ceiling = not EmulatorSpec.from_dict(manifest["spec"]).removed  # 'full', 'full-lora': the "emulator" is the model, and scores as it does
     if ceiling:
         results["emulator_zero_shot"], folders["emulator_zero_shot"] = results["full_zero_shot"], folders["full_zero_shot"]
     else:

@@ -35,6 +35,7 @@ from fed_crash.config import ConfigError, FederationConfig, RunConfig, resolve_p
 from fed_crash.core.artifacts import MANIFEST, WEIGHTS, ArtifactError, check_cut, check_private, load_emulator, save_adapters, save_emulator
 from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
 from fed_crash.core.emulator import AdapterError, EmulatorSpec, adapter_state, build_emulator, check_adapters, emulator_weights, plug_in
+from fed_crash.core.lora import merge_lora
 from fed_crash.core.models import LoadedModel, default_cache_dir, resolve_device, state_hash
 from fed_crash.core.precision import compute_dtype, dtype_name
 from fed_crash.core.plots import figure
@@ -432,6 +433,7 @@ def finish(run: Run, loaded: LoadedModel, evaluator: RoundEvaluator, final_array
     save_adapters(run.folder / "adapters" / "final.safetensors", final)
     if run.cfg.fed.save_model:
         plug_in(loaded.model, final)
+        merge_lora(loaded.model)  # full-lora: a plain model to save (nothing to merge otherwise)
         loaded.model.save_pretrained(run.folder / "plugin-model", safe_serialization=True)
         loaded.tokenizer.save_pretrained(run.folder / "plugin-model")
     plot_history(evaluator.history, run.folder / "rounds.png")

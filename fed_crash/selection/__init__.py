@@ -12,7 +12,9 @@ returns the :class:`~fed_crash.core.emulator.EmulatorSpec`:
 * ``search``: start from the better of the two and move kept layers while the divergence from
   the full model falls (:mod:`fed_crash.selection.search`);
 * ``full``: every middle layer, so the adapters train on the full model itself. No privacy
-  (clients receive the whole model): the ceiling an emulator is measured against.
+  (clients receive the whole model): the ceiling an emulator is measured against;
+* ``full-lora`` (FlowerTune's baseline): no adapter layers, LoRA on every linear layer of the
+  full model (:mod:`fed_crash.core.lora`); no privacy either.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fed_crash.config import CrashOptions, EmulatorConfig, SearchOptions, SpecOptions
-from fed_crash.core.emulator import CEILING, EdgeFill, EmulatorSpec, SpecError
+from fed_crash.config import CrashOptions, EmulatorConfig, FullLoraOptions, SearchOptions, SpecOptions
+from fed_crash.core.emulator import CEILING, FULL_LORA, EdgeFill, EmulatorSpec, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,13 @@ def search(selection: Selection) -> EmulatorSpec:
 @register(CEILING, config=SpecOptions, needs_calibration=False)
 def full(selection: Selection) -> EmulatorSpec:
     return selection.spec(CEILING, selection.middle)
+
+
+@register(FULL_LORA, config=FullLoraOptions, needs_calibration=False)
+def full_lora(selection: Selection) -> EmulatorSpec:
+    opts: FullLoraOptions = selection.options(FullLoraOptions)
+    every = tuple(range(selection.num_layers))
+    return EmulatorSpec(selection.num_layers, 0, 0, every, share=False, method=FULL_LORA, lora_rank=opts.full_lora_rank, lora_alpha=opts.full_lora_alpha)
 
 
 def make_spec(

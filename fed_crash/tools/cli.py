@@ -407,10 +407,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_plugin(args: argparse.Namespace) -> None:
     from fed_crash.core.artifacts import load_adapters
     from fed_crash.core.emulator import plug_in
+    from fed_crash.core.lora import merge_lora
     from fed_crash.core.models import load_model
 
     loaded = load_model(args.model, cache_dir=args.cache_dir, device=args.device)
     plug_in(loaded.model, load_adapters(args.adapters))
+    merge_lora(loaded.model)  # full-lora's adapters: folded into the weights, a plain model to save
     loaded.model.save_pretrained(args.out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(args.out)
     print(f"wrote {args.out}")
