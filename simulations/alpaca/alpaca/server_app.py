@@ -21,7 +21,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = run_config(context)  # unknown keys and wrong types fail here, by name
     run = open_run(cfg)  # run folder and checkpoint checked (nothing written yet), data slices
-    loaded = load_model(cfg.fed.model, cache_dir=cfg.fed.cache_dir or None, device="auto")
+    loaded = load_model(cfg.fed.model, cache_dir=cfg.fed.cache_dir or None, device=cfg.compute.server_device)
     run.laps.mark("model_load")
     spec, similarity = plan_or_resume(run, loaded)
     strategy = OffsiteStrategy(make_strategy(cfg.fed), seed=cfg.data.seed, min_available_nodes=cfg.fed.min_available_nodes,
