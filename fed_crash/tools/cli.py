@@ -25,7 +25,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="where de-quantized GGUF weights are cached (default: $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1' ... (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    C.add_arguments(parser, C.ComputeConfig)
+    C.add_arguments(parser, C.ComputeConfig, skip=("server_device",))  # local commands have --device; server-device is the ServerApp's
 
 
 def _dtype(args: argparse.Namespace):
@@ -33,7 +33,7 @@ def _dtype(args: argparse.Namespace):
     from fed_crash.core.models import resolve_device
     from fed_crash.core.precision import compute_dtype
 
-    return compute_dtype(C.from_args(C.ComputeConfig, args).compute_dtype, resolve_device(args.device))
+    return compute_dtype(args.compute_dtype, resolve_device(args.device))
 
 
 def build_parser() -> argparse.ArgumentParser:
