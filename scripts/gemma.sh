@@ -36,5 +36,5 @@ EOF
 echo "federated run: method $METHOD, share $SHARE, skip-first $SKIP"
 t=$(stamp)
 "$PY/fed-crash" simulate --flwr-home "$FLWR_HOME" --num-supernodes 4 --run-config \
-  "model='gemma3-270m' emulator.method='$METHOD' emulator.share=$SHARE emulator.skip-first=$SKIP emulator.keep=8 emulator.calib-samples=64 emulator.search-samples=16 emulator.search-evaluations=40 num-server-rounds=4 train.steps=10 train.lr=0.0003 eval-examples=64 results-dir='$OUT' run-name='federated'"
+  "model='gemma3-270m' emulator.method='$METHOD' emulator.share=$SHARE emulator.skip-first=$SKIP emulator.keep=8 emulator.calib-samples=64 emulator.search-samples=16 emulator.search-evaluations=40 num-server-rounds=4 fraction-train=1.0 min-train-nodes=4 train.steps=10 train.lr=0.00003 eval-examples=64 results-dir='$OUT' run-name='federated'"
 echo "federated: $(( $(stamp) - t ))s"

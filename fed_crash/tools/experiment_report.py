@@ -63,7 +63,7 @@ def report_cells(experiment, finished: list) -> dict[str, dict]:
         run_dir = experiment.folder / cell.name
         out = run_dir / REPORT
         run = parse_run_config(cell.run_config)
-        if (out / "report.json").is_file() and json.loads((out / "report.json").read_text())["tasks"] == task_info:
+        if (out / "report.json").is_file() and _same_questions(json.loads((out / "report.json").read_text())["tasks"], task_info):
             reports[cell.name] = json.loads((out / "report.json").read_text())
         else:
             shutil.rmtree(out, ignore_errors=True)  # an attempt stopped half-way, or another task sample
@@ -77,9 +77,19 @@ def report_cells(experiment, finished: list) -> dict[str, dict]:
     return reports
 
 
+def _same_questions(scored: dict, wanted: dict) -> bool:
+    """The same task files (by name: a moved checkout resolves them elsewhere) and question counts."""
+    def key(info: dict) -> dict:
+        return {name: (Path(t["source"]).name, t["n"]) for name, t in info.items()}
+
+    return key(scored) == key(wanted)
+
+
 def _samples(experiment, cell_name: str, report: dict, model: str, task: str) -> list[dict]:
-    """One model's per-question records on ``task``, from the folder that scored it."""
-    folder = Path(report["full_from"]).parent if model == "full_zero_shot" and report.get("full_from") else experiment.folder / cell_name / REPORT
+    """One model's per-question records on ``task``, from the cell that scored it (found by its
+    name, so an experiment folder that was moved still reads)."""
+    scored_by = Path(report["full_from"]).parent.parent.name if model == "full_zero_shot" and report.get("full_from") else cell_name
+    folder = experiment.folder / scored_by / REPORT
     return [json.loads(line) for line in (folder / report["models"][model]["tasks"][task]["samples_file"]).read_text().splitlines() if line]
 
 
