@@ -53,10 +53,11 @@ log = logging.getLogger(__name__)
 
 STARTED = "started.json"  # created exclusively by the start that owns a new run folder (its pid, host, time)
 
-# Metrics that measure the machine rather than the computation (wall-clock times, memory), and
-# Flower's node ids, which it draws at random: what may differ between two runs of the same
-# config and seed. Name new measured metrics with one of these suffixes.
-MEASURED_SUFFIXES = ("seconds", "-mib")
+# Metrics that measure the machine rather than the computation (durations, memory, worker
+# process ids, wall-clock times), and Flower's node ids, which it draws at random: what may
+# differ between two runs of the same config and seed. Name new measured metrics with one of
+# these suffixes.
+MEASURED_SUFFIXES = ("seconds", "-mib", "-pid", "-time")
 
 
 def reproducible(value):
