@@ -211,13 +211,7 @@ def four_model_report(
     if ceiling:
         results["emulator_fine_tuned"] = results["plug_in"]
         results = {name: results[name] for name in MODELS}
-    paired = {}
-    for task in tasks:
-        paired[task.name] = {}
-        for a, b in PAIRS:
-            files = [folders[m] / results[m]["tasks"][task.name].get("samples_file", "") for m in (a, b)]
-            if all(f.is_file() for f in files):  # an older --full-from report has no samples file
-                paired[task.name][f"{a} - {b}"] = paired_comparison(*files)
+    paired = _paired(tasks, results, folders)
     report = {
         "models": results, "model": loaded.model_id, "emulator": str(emulator_folder), "adapters": str(adapters),
         "spec": manifest["spec"], "tasks": task_info, "instruct_examples": len(instruct), "config": _config(data, cfg, dtype),
@@ -230,6 +224,19 @@ def four_model_report(
 
 
 PAIRS = (("plug_in", "full_zero_shot"), ("emulator_fine_tuned", "emulator_zero_shot"))  # what tuning gave, on each side
+
+
+def _paired(tasks: Sequence[McTask], results: dict, folders: dict) -> dict:
+    """Per task, each pair of :data:`PAIRS` compared question by question from the samples files
+    in ``folders`` (an older --full-from report has none: that pair is left out)."""
+    paired: dict = {}
+    for task in tasks:
+        paired[task.name] = {}
+        for a, b in PAIRS:
+            files = [folders[m] / results[m]["tasks"][task.name].get("samples_file", "") for m in (a, b)]
+            if all(f.is_file() for f in files):
+                paired[task.name][f"{a} - {b}"] = paired_comparison(*files)
+    return paired
 
 
 def paired_table(paired: dict) -> str:
