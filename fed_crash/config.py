@@ -157,6 +157,7 @@ class FederationConfig:
     cache_dir: str = opt("", "model and CKA-similarity cache folder ('' = $FED_CRASH_CACHE or ~/.cache/fed-crash)")
     num_server_rounds: int = opt(3, "federated rounds", min=1)
     strategy: str = opt("fedavg", "aggregation strategy, by name from the strategies package", choices=STRATEGY_NAMES)
+    client_weight: str = opt("examples", "what weighs a reply in FedAvg-style means: 'examples' (its shard's size, Flower's convention) or 'equal' (every reply alike: each client trains the same local steps, and a by-task federation weighs its tasks equally); DP is always equal", choices=("examples", "equal"))
     proximal_mu: float = opt(0.01, "FedProx: clients add (mu/2) * ||adapters - round-start adapters||^2 to their loss", min=0.0)
     fedbiot_lambda: float = opt(0.0, "FedBiOT-style regulariser (any strategy): clients add lambda * ||adapters - round-start adapters||^2 to their loss (0 = off)", min=0.0)
     fedbiot_align_steps: int = opt(0, "FedBiOT server alignment: after each round (and before the first) distil the emulator's middle toward the full model's on the server's public rows for this many steps, then resend the emulator (0 = off)", min=0)

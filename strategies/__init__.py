@@ -81,7 +81,7 @@ def make_strategy(fed: FederationConfig) -> flower.Strategy:
     (:func:`fed_crash.config.parse_run_config`: DP only over ``DP_STRATEGIES``, a plain mean)."""
     name = fed.strategy
     if fed.dp_clipping_norm <= 0:
-        return STRATEGIES[name](fed, NUM_EXAMPLES)
+        return STRATEGIES[name](fed, UNIT_WEIGHT if fed.client_weight == "equal" else NUM_EXAMPLES)
     # equal weights: each client's clipped update moves the mean by at most clip / sampled clients
     inner = STRATEGIES[name](fed, UNIT_WEIGHT)
     return ClientClippingDP(inner, noise_multiplier=fed.dp_noise_multiplier, clipping_norm=fed.dp_clipping_norm, delta=fed.dp_delta)

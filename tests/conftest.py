@@ -28,12 +28,12 @@ def write_run_files(root: Path, tokenizer, copies: int) -> Path:
 
 def train_metrics(examples: int, **dp: float) -> dict[str, float]:
     """The MetricRecord of an honest train reply (:data:`protocol.CLIENT_METRICS`, every name),
-    plus the DP ones given as ``dp`` (``unit_weight=1, update_norm=0.5``)."""
+    plus the DP one given as ``dp`` (``update_norm=0.5``)."""
     from fed_crash.federation import protocol as P
 
     base = {P.NUM_EXAMPLES: examples, "train-loss": 2.0, "first-loss": 2.5, "tokens": 40 * examples, "steps": 2, "seconds": 0.5,
             "step-seconds": 0.2, "delivery-seconds": 0.01, "load-seconds": 0.1, "data-seconds": 0.1, "threads": 1, "peak-rss-mib": 500.0,
-            "worker-pid": 4242, "gpu-id": -1, "on-cuda": 0, "start-time": 1.7e9, "end-time": 1.7e9 + 0.6}
+            "worker-pid": 4242, "gpu-id": -1, "on-cuda": 0, "start-time": 1.7e9, "end-time": 1.7e9 + 0.6, "unit-weight": 1}
     return {**base, **{k.replace("_", "-"): v for k, v in dp.items()}}
 
 

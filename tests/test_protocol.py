@@ -96,13 +96,13 @@ def test_a_train_reply_with_unknown_missing_or_odd_metrics_is_rejected_by_name()
     assert "'num-examples' must be >= 1, got 0" in check({**good, P.NUM_EXAMPLES: 0})
     assert "'num-examples' must be a whole number, got 2.5" in check({**good, P.NUM_EXAMPLES: 2.5})
     assert "'num-examples' must be in [1, 3], got 1e+300 (the shard's size)" in check({**good, P.NUM_EXAMPLES: 1e300}, max_examples=3)
-    # under DP: the DP metrics are required, and the weight is exactly 1
-    assert "missing: ['unit-weight', 'update-norm']" in check(good, clipping=True)
-    dp = {**good, P.UNIT_WEIGHT: 1, P.UPDATE_NORM: 0.5}
+    # the unit weight is exactly 1 (what equal weights and DP average by); under DP the update norm is required
+    assert "missing: ['update-norm']" in check(good, clipping=True)
+    dp = {**good, P.UPDATE_NORM: 0.5}
     assert check(dp, clipping=True) is None
     assert "'unit-weight' must be a whole number, got 1e-09" in check({**dp, P.UNIT_WEIGHT: 1e-9}, clipping=True)
     assert "'unit-weight' must be in [1, 1], got 2" in check({**dp, P.UNIT_WEIGHT: 2}, clipping=True)
-    assert "unknown: ['unit-weight', 'update-norm']" in check(dp)
+    assert "unknown: ['update-norm']" in check(dp)
 
 
 def test_error_reasons_are_the_clients_own_exception_whatever_ray_wraps_around_it():

@@ -49,6 +49,15 @@ def test_fedavg_is_the_mean_weighted_by_examples():
     np.testing.assert_allclose(weights(arrays), expected, rtol=1e-6)
 
 
+def test_equal_client_weight_is_the_plain_mean():
+    """client-weight = "equal": a shard ten times larger does not pull the mean ten times harder
+    (what a by-task federation needs to weigh its tasks alike)."""
+    a, b = [1.0, 2.0], [5.0, -2.0]
+    for name in ("fedavg", "fedprox", "fedavgm"):
+        arrays, _ = make_strategy(fed(strategy=name, client_weight="equal", server_momentum=0.0)).aggregate_train(1, [reply(1, a, 1), reply(2, b, 10)])
+        np.testing.assert_allclose(weights(arrays), (np.array(a) + np.array(b)) / 2, rtol=1e-6, err_msg=name)
+
+
 def test_fedmedian_and_trimmed_mean_per_weight():
     clients = [[0.0, 10.0], [1.0, -4.0], [2.0, 3.0], [3.0, 7.0], [100.0, 5.0]]
     median, _ = make_strategy(fed(strategy="fedmedian")).aggregate_train(1, [reply(i, w, 1) for i, w in enumerate(clients)])

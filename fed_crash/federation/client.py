@@ -181,11 +181,10 @@ def train(msg: Message, context: Context) -> Message:
         "load-seconds": loaded, "data-seconds": prepared, "threads": torch.get_num_threads(),
         "peak-rss-mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
         "worker-pid": os.getpid(), "gpu-id": (assigned_gpus() or [-1])[0], "on-cuda": int(device.type == "cuda"),
-        "start-time": started, "end-time": time.time(),
+        "start-time": started, "end-time": time.time(), P.UNIT_WEIGHT: 1,
     }
     trained = emulator.adapter_state()
     if request.clipping_norm is not None:  # DP: dense adapters, clipped by Flower's fixedclipping_mod on the way out
-        metrics[P.UNIT_WEIGHT] = 1
         metrics[P.UPDATE_NORM] = P.update_norm(ArrayRecord(trained), ArrayRecord(request.adapters))
     elif stats.lora_factors:  # the server rebuilds the dense adapters from the ones it sent (strategies.lowrank)
         trained = stats.lora_factors

@@ -69,7 +69,7 @@ CLIPPING_NORM = KEY_CLIPPING_NORM  # set by Flower's DP wrapper, read by its fix
 
 # ---- metric names of a train reply
 NUM_EXAMPLES = "num-examples"  # the weight of FedAvg-style means
-UNIT_WEIGHT = "unit-weight"  # always 1 under DP: the DP mean is unweighted
+UNIT_WEIGHT = "unit-weight"  # always 1: the weight of an unweighted mean (client-weight = "equal", and DP)
 EMULATOR_MISSING = "emulator-missing"  # 1: the node lacks the emulator and did not train
 UPDATE_NORM = "update-norm"
 
@@ -104,7 +104,7 @@ CLIENT_METRICS = {  # every metric a train reply carries, always the same set fo
     "start-time": Metric("wall-clock time (s since the epoch) the train handler started: actors' concurrency"),
     "end-time": Metric("wall-clock time it replied"),
     UPDATE_NORM: Metric("L2 norm of the update before clipping", dp_only=True),
-    UNIT_WEIGHT: Metric("the DP mean's weight: exactly 1 (equal weights are what the noise is calibrated to)", low=1, high=1, integer=True, dp_only=True),
+    UNIT_WEIGHT: Metric("the weight of an unweighted mean: exactly 1 (client-weight = 'equal'; under DP equal weights are what the noise is calibrated to)", low=1, high=1, integer=True),
 }
 
 
