@@ -153,6 +153,7 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
     env = {k: v for k, v in os.environ.items() if k != "FED_CRASH_NODE_CACHE"}  # the node cache goes under --flwr-home
     env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port := free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(port + 2))
     dashboard, answers = free_port(), []
+    clusters_before = set(_pids_with("gcs_server"))  # another Ray cluster on the machine is not this run's to stop
     proc = simulate("home", {}, "--dashboard", "--dashboard-port", str(dashboard))
     while proc.poll() is None:  # the dashboard answers while the run goes on
         try:
@@ -166,7 +167,8 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
     actors = [a for answer in answers for a in answer if a.get("class_name") == "ClientAppActor"]
     assert actors, f"no ClientAppActor in the dashboard's answers: {answers[-1:]}"
     assert {"actor_id", "state", "pid"} <= set(actors[0])
-    assert not RAY_CLUSTER_FILE.exists() and not _pids_with("gcs_server")
+    assert not RAY_CLUSTER_FILE.exists() and set(_pids_with("gcs_server")) <= clusters_before  # the head is gone, its cluster file too
+    assert not list((tmp_path / "home" / "nodes").glob("*/node-*")), "the run's node caches stay behind"  # node ids are new each run
 
     run_dir = tmp_path / "results" / "t"
     assert "round 2/2 | clients 5 ok 0 failed" in output  # one readable line per round
@@ -206,3 +208,25 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
     assert bad.returncode == 1 and "finished:failed" in output
     assert "cannot keep 99 layers" in output  # the message names the problem
     assert sorted(tmp_path.joinpath("results").rglob("*")) == written  # a failed start writes nothing
+
+
+@pytest.mark.slow
+def test_a_ray_head_stops_only_its_own_cluster():
+    """Two heads at once (two experiments, or a test beside an experiment): leaving the inner
+    block ends the inner head's processes, and the outer head keeps running and answering; no
+    head writes /tmp/ray's cluster file, which a plain ``ray.init()`` would attach to."""
+    from fed_crash.tools.launch import RAY_CLUSTER_FILE, _pids_with, free_port, ray_head, wait_for_port
+
+    before = set(_pids_with("gcs_server"))
+    had_cluster_file = RAY_CLUSTER_FILE.exists()
+    with ray_head(dashboard_port=free_port(), num_cpus=1) as outer:
+        outer_gcs = set(_pids_with("gcs_server")) - before
+        with ray_head(dashboard_port=free_port(), num_cpus=1) as inner:
+            assert inner != outer
+            inner_gcs = set(_pids_with("gcs_server")) - before - outer_gcs
+            assert len(outer_gcs) == 1 and len(inner_gcs) == 1
+        assert not set(_pids_with("gcs_server")) & inner_gcs  # the inner head is gone
+        assert outer_gcs <= set(_pids_with("gcs_server"))  # the outer one runs on
+        wait_for_port(int(outer.rsplit(":", 1)[1]), timeout=5)  # and answers
+        assert RAY_CLUSTER_FILE.exists() == had_cluster_file
+    assert set(_pids_with("gcs_server")) <= before

@@ -10,12 +10,17 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fed_crash import config as C
 from fed_crash.errors import FedCrashError
 from fed_crash.config import COMPARE_METHODS, DEFAULT_MODEL, HUB_TASK_NAMES
+
+if TYPE_CHECKING:
+    from fed_crash.tools.launch import FlowerRun
 
 log = logging.getLogger("fed_crash")
 
@@ -148,7 +153,7 @@ def _run_commands(sub) -> None:
     simulate.add_argument("--num-supernodes", type=int, default=4, help="simulated clients (default: 4)")
     simulate.add_argument("--cpus-per-client", type=int, default=1, help="CPU cores Ray reserves per client actor (whole numbers; default: 1)")
     simulate.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per client actor, e.g. 0.25 puts four clients on one GPU (default: 0)")
-    simulate.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run's SuperLink and app installs; simulated nodes cache emulators in its nodes/ unless $FED_CRASH_NODE_CACHE is set (default: .flwr)")
+    simulate.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for this run's SuperLink and app installs; simulated nodes cache emulators in its nodes/run-<pid>/ for the run's duration unless $FED_CRASH_NODE_CACHE is set (default: .flwr)")
     simulate.add_argument("--dashboard", action="store_true", help="start a local Ray head with the dashboard, attach the simulation to it, stop it afterwards")
     simulate.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default: 8265)")
     simulate.add_argument("--head-cpus", type=int, default=None, help="with --dashboard: the CPUs the Ray head offers (default: the machine's); "
@@ -178,7 +183,7 @@ def _run_commands(sub) -> None:
     shards.add_argument("out", help="an empty folder for the split")
     shards.add_argument("--num-partitions", type=int, required=True, help="clients (one shard each)")
     shards.add_argument("--run-config", default="", help="run-config overrides, TOML values, as for 'simulate': \"data='rows.jsonl' partitioner='dirichlet'\"")
-    prune = sub.add_parser("prune", help="remove node caches and old round adapters (nothing else does)",
+    prune = sub.add_parser("prune", help="remove node caches (SuperNodes' and interrupted runs': simulate and experiment empty their own) and old round adapters",
                            description="Remove the emulators nodes cached and the per-round adapters of finished or stopped runs "
                                        "(round 0, the last --keep-rounds, the checkpoint's round and final stay, so resume=true still works). "
                                        "Run it when no federation uses these folders.")
@@ -286,14 +291,31 @@ def cmd_landscape(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    from fed_crash.tools.launch import APP, flwr_run, local_deployment, ray_head
+    from fed_crash.tools.launch import APP
 
     home = Path(args.flwr_home).resolve()
     app = Path(args.app).resolve() if args.app else APP
-    # simulated nodes keep received emulators under this run home unless told otherwise
-    env: dict[str, str] = {"FED_CRASH_NODE_CACHE": os.environ.get("FED_CRASH_NODE_CACHE", str(home / "nodes"))}
+    # simulated nodes keep received emulators under this run home unless told otherwise; their
+    # node ids are new in every run, so nothing there is found again: the folder goes afterwards
+    own_cache = "FED_CRASH_NODE_CACHE" not in os.environ
+    cache = Path(os.environ.get("FED_CRASH_NODE_CACHE", home / "nodes" / f"run-{os.getpid()}"))
+    env: dict[str, str] = {"FED_CRASH_NODE_CACHE": str(cache)}
+    try:
+        result = _simulate(args, home, app, env)
+    finally:
+        if own_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    print(f"run {result.run_id}: {result.status} {result.details if result.status != 'finished:completed' else ''}".rstrip())
+    return 0 if result.ok else 1
+
+
+def _simulate(args: argparse.Namespace, home: Path, app: Path, env: dict[str, str]) -> FlowerRun:
+    """One ``flwr run`` of the app: on a local deployment, or simulated (with a Ray head and its
+    dashboard when asked)."""
+    from contextlib import nullcontext
+
+    from fed_crash.tools.launch import flwr_run, local_deployment, ray_head
+
     common = {"app": app, "flwr_home": home, "timeout": args.timeout, "echo": True}
     if args.deployment:
         with local_deployment(home, num_supernodes=args.num_supernodes, env=env, secure=args.secure) as connection:
@@ -309,8 +331,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 print(f"Ray dashboard: http://127.0.0.1:{args.dashboard_port}  (Cluster and Actors tabs: one ClientAppActor per client worker)", flush=True)
             result = flwr_run(args.run_config, num_supernodes=args.num_supernodes, cpus_per_client=args.cpus_per_client,
                               gpus_per_client=args.gpus_per_client, env=env, **common)
-    print(f"run {result.run_id}: {result.status} {result.details if result.status != 'finished:completed' else ''}".rstrip())
-    return 0 if result.ok else 1
+    return result
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

@@ -165,7 +165,7 @@ def run_experiment(experiment: Experiment, *, flwr_home: Path, echo: bool = Fals
             statuses[cell.name] = "skipped"
     if todo:
         dashboard = free_port()
-        with ray_head(dashboard_port=dashboard, gcs_port=free_port(), env={"FED_CRASH_NODE_CACHE": str(node_cache)}) as address:
+        with ray_head(dashboard_port=dashboard, env={"FED_CRASH_NODE_CACHE": str(node_cache)}) as address:
             log.info("experiment %s: one Ray head for its %d cells to run, dashboard http://127.0.0.1:%d", experiment.config.name, len(todo), dashboard)
             try:
                 for i, cell in enumerate(todo, 1):

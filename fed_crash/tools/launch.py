@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from contextlib import contextmanager
@@ -258,26 +260,57 @@ def clear_stale_ray_cluster() -> None:
 
 
 @contextmanager
-def ray_head(*, dashboard_port: int = 8265, gcs_port: int = 6379, num_cpus: int | None = None, num_gpus: int | None = None,
+def ray_head(*, dashboard_port: int = 8265, gcs_port: int | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              env: Mapping[str, str] | None = None) -> Iterator[str]:
     """A local Ray head with the dashboard for the duration of the block; yields its address.
     ``env`` is added to its environment: the client actors of a simulation attached to it are
     the head's workers and see the head's environment, not the ``flwr run`` one (the node cache
-    folder, for one). ``ray stop`` afterwards, so no cluster (and no cluster file) is left behind."""
+    folder, for one).
+
+    The head is private to the block: its own GCS port (a free one unless given), its own temp
+    folder (so its cluster file is not /tmp/ray's, which a plain ``ray.init()`` would attach to)
+    and its own process group, which Ray's daemons and workers inherit. Stopping it ends that
+    group only, where ``ray stop`` would end every Ray cluster on the machine: another
+    experiment or a test beside this one keeps running."""
     ray = str(Path(sys.executable).parent / "ray")
     clear_stale_ray_cluster()
-    cmd = [ray, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--port={gcs_port}", "--disable-usage-stats"]
+    temp = Path(tempfile.mkdtemp(prefix="ray-fc-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    port = gcs_port or free_port()
+    cmd = [ray, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+           f"--dashboard-port={dashboard_port}", f"--port={port}", "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    start = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                             start_new_session=True)
+    output, _ = start.communicate()
     try:
-        yield f"127.0.0.1:{gcs_port}"
+        if start.returncode:
+            raise subprocess.CalledProcessError(start.returncode, cmd, output)
+        yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, text=True)
-        RAY_CLUSTER_FILE.unlink(missing_ok=True)
+        stop_process_group(start.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_process_group(pgid: int, grace: float = 5.0) -> None:
+    """SIGTERM every process of group ``pgid``, SIGKILL what is left after ``grace`` seconds
+    (Ray's GCS and raylet may outlive a SIGTERM), and return once the group is empty."""
+    def alive() -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        if not alive():
+            return
+        os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def free_port() -> int:
