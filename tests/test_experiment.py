@@ -194,3 +194,27 @@ def test_smoke_experiment_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
 
     monkeypatch.setattr("fed_crash.tools.launch.flwr_run", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert run_experiment(exp, flwr_home=tmp_path / "home") == dict.fromkeys(cells, "skipped")
+
+
+def test_stop_process_group_ends_the_group_and_only_it():
+    """How a Ray head is stopped: SIGTERM to its process group, SIGKILL for what ignores it
+    (Ray's GCS may), and nothing outside the group is touched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fed_crash.tools.launch import stop_process_group
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    group = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        assert group.stdout.readline().strip() == "ready"  # its SIGTERM handler is in place
+        stop_process_group(group.pid, grace=0.5)
+        assert group.wait(timeout=5) == -signal.SIGKILL  # it outlived SIGTERM, not SIGKILL
+        assert bystander.poll() is None  # another group runs on
+        stop_process_group(group.pid)  # an empty group: nothing to do, no error
+    finally:
+        os.killpg(bystander.pid, signal.SIGKILL)
+        bystander.wait()
