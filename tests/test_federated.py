@@ -150,7 +150,8 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
               "min-train-nodes": 1, "min-available-nodes": 20, "max-client-examples": 16, "partitioner": "dirichlet",
               "dirichlet-alpha": 1.0, "emulator.keep": 2, "emulator.calib-samples": 8,
               "emulator.method": "crash", "train.steps": 4, "train.lr": 0.003, "mc-task": str(fl_files / "mc.jsonl"), "mc-samples": 4}
-    env = {k: v for k, v in os.environ.items() if k != "FED_CRASH_NODE_CACHE"}  # the node cache goes under --flwr-home
+    # a node cache the user names is kept after the run (simulate removes only its own): what the nodes received is read below
+    env = {**os.environ, "FED_CRASH_NODE_CACHE": str(tmp_path / "home" / "nodes")}
     env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port := free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(port + 2))
     dashboard, answers = free_port(), []
     clusters_before = set(_pids_with("gcs_server"))  # another Ray cluster on the machine is not this run's to stop
@@ -168,7 +169,6 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
     assert actors, f"no ClientAppActor in the dashboard's answers: {answers[-1:]}"
     assert {"actor_id", "state", "pid"} <= set(actors[0])
     assert not RAY_CLUSTER_FILE.exists() and set(_pids_with("gcs_server")) <= clusters_before  # the head is gone, its cluster file too
-    assert not list((tmp_path / "home" / "nodes").glob("*/node-*")), "the run's node caches stay behind"  # node ids are new each run
 
     run_dir = tmp_path / "results" / "t"
     assert "round 2/2 | clients 5 ok 0 failed" in output  # one readable line per round

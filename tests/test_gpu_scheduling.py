@@ -93,3 +93,6 @@ def test_two_logical_gpus_at_a_quarter_each_run_eight_client_actors_at_once(tmp_
     for gpu in (0, 1):
         assert max_overlap([(c["start-time"], c["end-time"]) for c in clients if c["gpu-id"] == gpu]) <= 4
     assert json.loads((tmp_path / "results" / "gpus" / "config.json").read_text())["compute"]["server_device"] == "cpu"
+    # the nodes cached the emulator under <flwr-home>/nodes/run-<pid>/node-<id> during the run; their ids are new in
+    # every run, so simulate removed them afterwards
+    assert (tmp_path / "home" / "nodes").is_dir() and not list((tmp_path / "home" / "nodes").rglob("node-*"))

@@ -199,6 +199,9 @@ def load_emulator(
     stray = sorted(k for k in adapter_weights if not (is_lora_key(k) if spec.lora_rank else k.startswith(tuple(expected))))
     if stray:
         raise ArtifactError(f"adapter tensor {stray[0]!r} is not an adapter layer of this emulator (adapters: layers {list(spec.adapters)})")
-    emulator = assemble(AutoConfig.from_pretrained(folder), {**weights, **adapter_weights}, spec)
+    # a bf16 wire stores the weights rounded to bf16; the model computes on fp32 copies of them, so
+    # a machine without bf16 compute (no autocast to hide the mix) multiplies like with like
+    state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in {**weights, **adapter_weights}.items()}
+    emulator = assemble(AutoConfig.from_pretrained(folder), state, spec)
     emulator.model.to(resolve_device(device))
     return emulator, AutoTokenizer.from_pretrained(folder), manifest
