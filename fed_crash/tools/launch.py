@@ -233,6 +233,26 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _terminate(send: Callable[[int], object], alive: Callable[[], bool], grace: float, *, kill: bool = False) -> None:
+    """SIGTERM through ``send``, wait up to ``grace`` seconds for ``alive()`` to turn false,
+    then SIGKILL what is left and wait again; ``kill``: SIGKILL at once."""
+    for sig in (signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL):
+        if not alive():
+            return
+        send(sig)
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def stop_local_superlink(flwr_home: Path, grace_s: float = 10.0, *, kill: bool = False) -> None:
     """Stop the background SuperLink that ``flwr run`` started for this FLWR_HOME and everything
     it started (the simulation process with the ServerApp, Ray's processes), which a SuperLink
@@ -240,12 +260,7 @@ def stop_local_superlink(flwr_home: Path, grace_s: float = 10.0, *, kill: bool =
     ``kill``: SIGKILL at once, as a crash of the server machine would."""
     superlinks = _pids_with(f"{flwr_home}/local-superlink/")
     pids = superlinks + _descendants(superlinks)
-    if not kill:
-        _signal(pids, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-            time.sleep(0.2)
-    _signal([pid for pid in pids if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
+    _terminate(lambda sig: _signal([pid for pid in pids if _running(pid)], sig), lambda: any(map(_running, pids)), grace_s, kill=kill)
 
 
 RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
@@ -297,20 +312,14 @@ def ray_head(*, dashboard_port: int = 8265, gcs_port: int | None = None, num_cpu
 def stop_process_group(pgid: int, grace: float = 5.0) -> None:
     """SIGTERM every process of group ``pgid``, SIGKILL what is left after ``grace`` seconds
     (Ray's GCS and raylet may outlive a SIGTERM), and return once the group is empty."""
-    def alive() -> bool:
+    def send(sig: int) -> bool:
         try:
-            os.killpg(pgid, 0)
+            os.killpg(pgid, sig)
             return True
         except ProcessLookupError:
             return False
 
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        if not alive():
-            return
-        os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    _terminate(send, lambda: send(0), grace)
 
 
 def free_port() -> int:
