@@ -70,11 +70,10 @@ def main() -> None:
     train_set = tokenize(parts["train"], tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
     specs = {"2+18+2 emulator": make_spec("uniform", 30, bottom=2, top=2, keep=18, share=False), "full model": make_spec("full", 30, bottom=2, top=2)}
     start_adapters = {k: v.clone() for k, v in adapter_state(model, specs["full model"]).items()}  # the same 4 adapter layers in both
-    batches = args.score_batch
     tasks = {name: load_task(path).rows[: args.questions or n or None] for name, (path, n) in TASKS.items()}  # the first n, as lm-eval's --limit
     tokens = {name: scored_tokens(tokenizer, task_rows) for name, task_rows in tasks.items()}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    scored = [(t, b) for t in tasks for b in batches]
+    scored = [(t, b) for t in tasks for b in args.score_batch]
     results: dict[str, dict] = {name: {"train_step_s": {s: [] for s in specs}, "score": {f"{t}@{b}": [] for t, b in scored}, "acc": {}, "loss": None}
                                 for name in dtypes}
     for repeat in range(args.repeats):
@@ -91,7 +90,7 @@ def main() -> None:
             for task, batch in scored:
                 scores = score_mc(model, tokenizer, tasks[task], batch_size=batch, dtype=dtype)
                 results[name]["score"][f"{task}@{batch}"].append(tokens[task] / scores["seconds"])
-                if batch == batches[0]:
+                if batch == args.score_batch[0]:
                     results[name]["acc"][task] = {"acc": 100 * scores["acc"], "acc_norm": 100 * scores["acc_norm"], "n": scores["n"]}
             if repeat == 0:
                 results[name]["loss"] = evaluate(model, held_out, pad, batch_size=8, progress=False, dtype=dtype)["loss"]

@@ -260,7 +260,7 @@ def stop_local_superlink(flwr_home: Path, grace_s: float = 10.0, *, kill: bool =
     ``kill``: SIGKILL at once, as a crash of the server machine would."""
     superlinks = _pids_with(f"{flwr_home}/local-superlink/")
     pids = superlinks + _descendants(superlinks)
-    _terminate(lambda sig: _signal([pid for pid in pids if _running(pid)], sig), lambda: any(map(_running, pids)), grace_s, kill=kill)
+    _terminate(lambda sig: _signal(pids, sig), lambda: any(map(_running, pids)), grace_s, kill=kill)
 
 
 RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
