@@ -91,23 +91,40 @@ class WorkAfterFirstTrainPush:
         return getattr(self._grid, name)
 
 
-def query_partitions(grid: Grid, nodes: Iterable[int], timeout: float) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
-    """Ask nodes which partition they hold (:func:`protocol.partition_request`). Returns
-    ``{node: (partition, partitions)}`` of those that answered in time and in form, and
-    ``{node: reason}`` of the others."""
+def push_partition_queries(grid: Grid, nodes: Iterable[int]) -> dict[str, int]:
+    """Send ``nodes`` the partition query (:func:`protocol.partition_request`) without waiting
+    for the answers. Returns ``{message id: node}`` for :func:`pull_partition_answers`."""
+    asked = {}
+    for node in nodes:
+        for message_id in grid.push_messages([P.partition_request(node)]):  # none when Flower refused to store it
+            asked[message_id] = node
+    return asked
+
+
+def pull_partition_answers(grid: Grid, asked: dict[str, int], timeout: float) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """The answers to partition queries sent by :func:`push_partition_queries`, pulled until all have
+    come or ``timeout`` has passed (as Flower's ``send_and_receive`` does). Returns ``{node:
+    (partition, partitions)}`` of those that answered in time and in form, and ``{node: reason}``
+    of the others."""
     found, failed = {}, {}
-    nodes = list(nodes)
-    for reply in grid.send_and_receive([P.partition_request(node) for node in nodes], timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            failed[node] = f"did not say its partition: {P.error_reason(reply.error.reason)}"
-            continue
-        try:
-            found[node] = P.read_partition_reply(reply.content)
-        except P.ProtocolError as err:
-            failed[node] = f"did not say its partition: {err}"
-    for node in set(nodes) - set(found) - set(failed):
-        failed[node] = f"did not say its partition within {timeout:g}s"
+    pending, end = set(asked), time.time() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failed[node] = f"did not say its partition: {P.error_reason(reply.error.reason)}"
+                continue
+            try:
+                found[node] = P.read_partition_reply(reply.content)
+            except P.ProtocolError as err:
+                failed[node] = f"did not say its partition: {err}"
+        if pending and time.time() >= end:
+            break
+        if pending:
+            time.sleep(0.1)
+    for message_id in pending:
+        failed[asked[message_id]] = f"did not say its partition within {timeout:g}s"
     return found, failed
 
 
@@ -195,6 +212,7 @@ class OffsiteStrategy(Strategy):
         self.partitions: dict[int, int] = {}  # node id -> partition id of every admitted node
         self.excluded: dict[int, str] = {}  # node id -> why it may not train (asked once, never sampled)
         self._unreported: dict[int, int] = {}  # excluded nodes not yet in a round's failures -> the partition they claimed (-1: none)
+        self._asked: dict[str, int] = {}  # message id -> node of partition queries sent by ask_partitions, not yet pulled
         self.num_partitions = 0
         self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every train message sent
         self.sent_arrays = ArrayRecord()  # this round's adapters: replies are checked against them, low-rank ones expanded from them
@@ -256,15 +274,26 @@ class OffsiteStrategy(Strategy):
             time.sleep(min(1.0, self.node_timeout / 10))
             self._learn_partitions(grid)
 
+    def ask_partitions(self, grid: Grid) -> None:
+        """Send the partition query to the nodes connected now, without waiting for the answers
+        (:meth:`connect` pulls them). A node's first message imports the ClientApp's library
+        (torch, transformers: about 10 s on 2 cores); asked as the ServerApp starts, the nodes
+        import while the server loads the model and writes the emulator."""
+        self._asked.update(push_partition_queries(grid, self._unasked(grid)))
+
+    def _unasked(self, grid: Grid) -> list[int]:
+        asked = set(self._asked.values())
+        return [node for node in grid.get_node_ids() if node not in self.partitions and node not in self.excluded and node not in asked]
+
     def _learn_partitions(self, grid: Grid) -> None:
-        """Ask nodes seen for the first time for their partition (in deployments nodes join late)
-        and admit them by :func:`vet_partitions`; a node that does not answer in form or in time,
-        or is not admitted, is excluded for the run (asked once, recorded in the next round's
-        failures as ``excluded``)."""
-        new = [node for node in grid.get_node_ids() if node not in self.partitions and node not in self.excluded]
-        if new:
-            timeout = max(self.round_timeout, QUERY_TIMEOUT_S)
-            found, failed = query_partitions(grid, new, timeout)
+        """Ask nodes seen for the first time for their partition (in deployments nodes join late),
+        collect the answers of those asked before (:meth:`ask_partitions`), and admit them by
+        :func:`vet_partitions`; a node that does not answer in form or in time, or is not
+        admitted, is excluded for the run (asked once, recorded in the next round's failures as
+        ``excluded``)."""
+        asked, self._asked = {**self._asked, **push_partition_queries(grid, self._unasked(grid))}, {}
+        if asked:
+            found, failed = pull_partition_answers(grid, asked, max(self.round_timeout, QUERY_TIMEOUT_S))
             admitted, self.num_partitions, refused = vet_partitions(self.partitions, self.num_partitions, found)
             self.partitions.update(admitted)
             for node, reason in {**failed, **refused}.items():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from fed_crash.config import ConfigError, FederationConfig, parse_run_config
 from fed_crash.core.data import DataError
 from fed_crash.tools.launch import flwr_run, free_port, toml_value
-from fed_crash.federation.partition import client_shard, derived_labels, server_and_client_rows
+from fed_crash.federation.partition import client_shard, client_table, derived_labels, make_partitioner, partition_rows, partition_size, server_and_client_rows
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,17 @@ def test_client_shards_are_disjoint_and_cover_the_pool(partitioner):
     assert client_shard(pool, fed, 1, 4) == shards[1]  # deterministic
     if partitioner == "pathological":  # one label per client
         assert all(len({r["instruction"].split()[0] for r in shard}) == 1 for shard in shards)
+
+
+@pytest.mark.parametrize("cap", [0, 7, 500])
+def test_partition_size_is_the_length_of_the_rows_without_reading_them(cap):
+    fed = FederationConfig(partitioner="dirichlet", dirichlet_alpha=0.3, max_client_examples=cap)
+    partitioner = make_partitioner(client_table(rows(200), fed), fed, 4)
+    sizes = [partition_size(partitioner, fed, i) for i in range(4)]
+    assert sizes == [len(partition_rows(partitioner, fed, i)) for i in range(4)]
+    assert sum(sizes) == 200 if cap in (0, 500) else max(sizes) == cap
+    with pytest.raises(DataError, match="partition-id 4 is outside 0..3"):
+        partition_size(partitioner, fed, 4)
 
 
 def test_labels_and_server_slices():

@@ -649,3 +649,41 @@ def test_faults_rejections_kill_and_resume_in_real_flwr_runs(files, tmp_path):
         assert reproducible(mine["clients"]) == reproducible(theirs["clients"]) and reproducible(mine["failures"]) == reproducible(theirs["failures"])
     final_a, final_c = load_file(a / "adapters/final.safetensors"), load_file(c / "adapters/final.safetensors")
     assert all(torch.equal(final_a[k], final_c[k]) for k in final_a)
+
+
+class SilentGrid(LocalGrid):
+    """The nodes in ``silent`` never answer (their messages are dropped); the rest answer at once."""
+
+    def __init__(self, *args, silent: set[int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.silent = silent
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for message in messages:
+            if message.metadata.dst_node_id in self.silent:
+                self._replies.pop(message.metadata.message_id)
+        return ids
+
+
+def test_partition_queries_sent_early_are_collected_once_and_a_silent_node_is_excluded_at_the_timeout(monkeypatch):
+    """``ask_partitions`` (the ServerApp's first step) sends the query without waiting; the
+    first round pulls those answers instead of asking again, and a node that never answers is
+    excluded after the query timeout, named with it."""
+    grid = SilentGrid(3, run_config={"train.steps": 1}, silent=set())
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), settle_s=0)
+    strategy.ask_partitions(grid)
+    assert [m.metadata.message_type for m in grid.sent] == [P.PARTITION] * 3 and not strategy.partitions  # sent, not yet pulled
+    zeros = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    assert len(list(strategy.configure_train(1, zeros, ConfigRecord(), grid))) >= 1
+    assert strategy.partitions == {node: i for i, node in enumerate(grid.nodes)}
+    assert sum(m.metadata.message_type == P.PARTITION for m in grid.sent) == 3  # each node asked once
+
+    grid = SilentGrid(3, run_config={"train.steps": 1}, silent={2})
+    strategy = OffsiteStrategy(make_strategy(FederationConfig(min_train_nodes=1, min_available_nodes=1)), settle_s=0, round_timeout=0.3)
+    strategy.ask_partitions(grid)
+    monkeypatch.setattr("strategies.offsite.QUERY_TIMEOUT_S", 0.3)
+    sampled = {m.metadata.dst_node_id for m in strategy.configure_train(1, zeros, ConfigRecord(), grid)}
+    assert 2 not in sampled and strategy.partitions == {1: 0, 3: 2}
+    assert strategy.excluded == {2: "did not say its partition within 0.3s"}

@@ -32,7 +32,7 @@ from fed_crash.core.train import proximal_term, train_adapters
 from fed_crash.federation import protocol as P
 from fed_crash.federation.context import run_config
 from fed_crash.federation.faults import FaultPlan, attack_metrics, attack_partition, attacking, corrupt_update, crash_midway, stall
-from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, server_and_client_rows
+from fed_crash.federation.partition import calibration_slice, client_table, data_source, make_partitioner, partition_rows, server_and_client_rows
 from fed_crash.federation.shards import read_shard, shard_name
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _shard(cfg: RunConfig, context: Context, tokenizer, shard_sha256: str) -> li
             if (run, num) not in _PARTITIONERS:
                 rows = load_instructions(data_source(cfg), skip_malformed=cfg.data.skip_malformed)
                 pool = server_and_client_rows(rows, cfg.fed, cfg.data, calibration_slice(cfg))["clients"]
-                _PARTITIONERS[(run, num)] = make_partitioner(pool, cfg.fed, num, seed=cfg.data.seed)
+                _PARTITIONERS[(run, num)] = make_partitioner(client_table(pool, cfg.fed), cfg.fed, num, seed=cfg.data.seed)
             shard = partition_rows(_PARTITIONERS[(run, num)], cfg.fed, pid)
         _SHARDS[key] = tokenize(shard, tokenizer, max_length=cfg.data.max_length, template=cfg.data.template)
     return _SHARDS[key]

@@ -25,6 +25,7 @@ from fed_crash.core.data import DataError, is_local_file, split_rows
 from fed_crash.selection import needs_calibration
 
 if TYPE_CHECKING:  # flwr-datasets imports the datasets library: only where partitioning runs
+    from datasets import Dataset
     from flwr_datasets.partitioner import Partitioner
 
 TOP_WORDS = 16
@@ -82,46 +83,66 @@ def derived_labels(rows: Sequence[dict[str, str]], by: str) -> list[str]:
     raise DataError(f"unknown partition label {by!r}; expected 'first-word', 'length' or 'task'")
 
 
-def make_partitioner(pool: Sequence[dict[str, str]], fed: FederationConfig, num_partitions: int, seed: int = 0) -> Partitioner:
-    """The ``flwr-datasets`` partitioner of the client pool into ``num_partitions`` shards.
-    Building it (an Arrow table of the whole pool, derived labels) costs far more than reading
-    one shard from it, so a worker that serves many nodes builds it once (see
-    :func:`fed_crash.federation.client.train`)."""
+def client_table(pool: Sequence[dict[str, str]], fed: FederationConfig) -> Dataset:
+    """The client pool as the Arrow dataset that ``flwr-datasets`` partitions, with the labels
+    ``fed``'s partitioner needs. Building it (importing ``datasets``, converting every row) costs
+    seconds; cutting it into shards (:func:`make_partitioner`) costs milliseconds. So the server
+    builds it before the nodes answer (it does not depend on their number), and a worker that
+    serves many nodes builds it once (see :func:`fed_crash.federation.client.train`)."""
     from datasets import Dataset
+
+    table = {key: [r[key] for r in pool] for key in ("instruction", "input", "output", "task") if all(key in r for r in pool)}
+    if fed.partitioner == "by-task":
+        table["label"] = derived_labels(pool, "task")
+    elif fed.partitioner != "iid":
+        table["label"] = derived_labels(pool, fed.partition_by)
+    return Dataset.from_dict(table)
+
+
+def make_partitioner(table: Dataset, fed: FederationConfig, num_partitions: int, seed: int = 0) -> Partitioner:
+    """The ``flwr-datasets`` partitioner of a :func:`client_table` into ``num_partitions`` shards."""
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
-    if num_partitions > len(pool):
-        raise DataError(f"{num_partitions} clients but only {len(pool)} client examples: every client needs at least one")
-    table = {key: [r[key] for r in pool] for key in ("instruction", "input", "output", "task") if all(key in r for r in pool)}
+    if num_partitions > len(table):
+        raise DataError(f"{num_partitions} clients but only {len(table)} client examples: every client needs at least one")
     if fed.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions)
     elif fed.partitioner == "by-task":  # partition i holds task i mod the number of tasks, each task's rows split evenly among its holders
-        table["label"] = derived_labels(pool, "task")
         partitioner = PathologicalPartitioner(num_partitions, "label", 1, class_assignment_mode="first-deterministic", seed=seed)
+    elif fed.partitioner == "dirichlet":
+        partitioner = DirichletPartitioner(num_partitions, "label", fed.dirichlet_alpha, min_partition_size=1, seed=seed)
     else:
-        table["label"] = derived_labels(pool, fed.partition_by)
-        if fed.partitioner == "dirichlet":
-            partitioner = DirichletPartitioner(num_partitions, "label", fed.dirichlet_alpha, min_partition_size=1, seed=seed)
-        else:
-            partitioner = PathologicalPartitioner(num_partitions, "label", fed.classes_per_partition, class_assignment_mode="first-deterministic", seed=seed)
-    partitioner.dataset = Dataset.from_dict(table)
+        partitioner = PathologicalPartitioner(num_partitions, "label", fed.classes_per_partition, class_assignment_mode="first-deterministic", seed=seed)
+    partitioner.dataset = table
     return partitioner
+
+
+def _partition(partitioner: Partitioner, fed: FederationConfig, partition_id: int):
+    """Shard ``partition_id`` as the partitioner's Arrow dataset, checked to exist and be non-empty."""
+    if not 0 <= partition_id < partitioner.num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{partitioner.num_partitions - 1}")
+    shard = partitioner.load_partition(partition_id)
+    if not len(shard):
+        raise DataError(f"client {partition_id} of {partitioner.num_partitions} received an empty shard ({fed.partitioner})")
+    return shard
 
 
 def partition_rows(partitioner: Partitioner, fed: FederationConfig, partition_id: int) -> list[dict[str, str]]:
     """Shard ``partition_id`` of a partitioner from :func:`make_partitioner`, capped at
     ``max-client-examples``."""
-    if not 0 <= partition_id < partitioner.num_partitions:
-        raise DataError(f"partition-id {partition_id} is outside 0..{partitioner.num_partitions - 1}")
-    shard = partitioner.load_partition(partition_id)
-    rows = [{key: r[key] for key in ("instruction", "input", "output", "task") if key in r} for r in shard]
+    shard = _partition(partitioner, fed, partition_id)
     if fed.max_client_examples:
-        rows = rows[: fed.max_client_examples]
-    if not rows:
-        raise DataError(f"client {partition_id} of {partitioner.num_partitions} received an empty shard ({fed.partitioner})")
-    return rows
+        shard = shard.select(range(min(len(shard), fed.max_client_examples)))
+    return [{key: r[key] for key in ("instruction", "input", "output", "task") if key in r} for r in shard]
+
+
+def partition_size(partitioner: Partitioner, fed: FederationConfig, partition_id: int) -> int:
+    """``len(partition_rows(...))`` without turning the rows into Python objects (the server
+    needs every shard's size before round 1; a row-by-row read of 52k rows takes seconds)."""
+    n = len(_partition(partitioner, fed, partition_id))
+    return min(n, fed.max_client_examples) if fed.max_client_examples else n
 
 
 def client_shard(pool: Sequence[dict[str, str]], fed: FederationConfig, partition_id: int, num_partitions: int, seed: int = 0) -> list[dict[str, str]]:
     """Partition ``partition_id`` of ``num_partitions`` of the client pool."""
-    return partition_rows(make_partitioner(pool, fed, num_partitions, seed), fed, partition_id)
+    return partition_rows(make_partitioner(client_table(pool, fed), fed, num_partitions, seed), fed, partition_id)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -45,9 +46,12 @@ from fed_crash.evaluation.mc import HUB_TASKS, load_task, score_mc
 from fed_crash.federation import protocol as P
 from fed_crash.federation.checkpoint import CHECKPOINT, Checkpoint, check_resumable, read_checkpoint, resumed_history, seed_everything, set_rng_state, write_checkpoint
 from fed_crash.federation.fedbiot import align_emulator
-from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, public_rows_needed, server_and_client_rows
+from fed_crash.federation.partition import calibration_slice, client_table, data_source, make_partitioner, partition_size, public_rows_needed, server_and_client_rows
 from fed_crash.federation.shards import Split, read_split
 from fed_crash.selection.plan import calibration_rows, plan_emulator
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ class Run:
     source: str  # the instruction data, resolved
     eval_rows: list[dict[str, str]]
     calibration: list[dict[str, str]]
-    client_pool: list[dict[str, str]]
+    client_table: Dataset | None  # the client pool as flwr-datasets partitions it (None with a split folder: the nodes read their shard files)
     mc_rows: list[dict]
     laps: Laps  # started before the data was read
     dtype: torch.dtype  # the server's compute dtype (compute-dtype resolved for its device)
@@ -145,7 +149,7 @@ def open_run(cfg: RunConfig) -> Run:
     if public_rows_needed(cfg) and cfg.fed.calib_data:
         parts["calibration"] = calibration_rows(data_source(cfg, cfg.fed.calib_data), cfg.data, cfg.emulator.calib_samples)
     dtype = compute_dtype(cfg.compute.compute_dtype, resolve_device(cfg.compute.server_device))
-    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], parts["clients"], mc_rows, laps, dtype, split=split)
+    run = Run(cfg, folder, checkpoint, source, parts["eval"], parts["calibration"], None if split else client_table(parts["clients"], cfg.fed), mc_rows, laps, dtype, split=split)
     run.laps.mark("data")
     return run
 
@@ -189,8 +193,8 @@ def check_clients(run: Run, num_partitions: int, nodes: int) -> tuple[dict[int, 
             raise ConfigError(f"shards: {run.split.folder} splits the data into {run.split.num_partitions} partitions, the nodes say {num_partitions}")
         sizes, hashes = run.split.shard_rows, run.split.shard_sha256
     else:
-        partitioner = make_partitioner(run.client_pool, cfg.fed, num_partitions, seed=cfg.data.seed)
-        sizes, hashes = {pid: len(partition_rows(partitioner, cfg.fed, pid)) for pid in range(num_partitions)}, {}
+        partitioner = make_partitioner(run.client_table, cfg.fed, num_partitions, seed=cfg.data.seed)
+        sizes, hashes = {pid: partition_size(partitioner, cfg.fed, pid) for pid in range(num_partitions)}, {}
     if cfg.fed.min_train_nodes > nodes:
         raise ConfigError(f"run config: min-train-nodes is {cfg.fed.min_train_nodes} but only {nodes} nodes are connected (Flower would wait for more forever)")
     unprotected = robust_sample_problem(cfg.fed, nodes)

@@ -44,13 +44,13 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def write_split(cfg: RunConfig, num_partitions: int, out: Path) -> Path:
     """Cut ``cfg``'s data as a run of ``num_partitions`` clients would and write the split folder
     (module docstring); refuses a folder that already holds a split. Returns ``split.json``."""
-    from fed_crash.federation.partition import calibration_slice, data_source, make_partitioner, partition_rows, server_and_client_rows
+    from fed_crash.federation.partition import calibration_slice, client_table, data_source, make_partitioner, partition_rows, server_and_client_rows
 
     if (out / SPLIT).exists():
         raise ConfigError(f"{out / SPLIT} exists: write the split into an empty folder")
     parts = server_and_client_rows(load_instructions(data_source(cfg), skip_malformed=cfg.data.skip_malformed), cfg.fed, cfg.data,
                                    calibration_slice(cfg))
-    partitioner = make_partitioner(parts["clients"], cfg.fed, num_partitions, seed=cfg.data.seed)
+    partitioner = make_partitioner(client_table(parts["clients"], cfg.fed), cfg.fed, num_partitions, seed=cfg.data.seed)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict] = {}
     for name, rows in [*((SERVER_FILES[k], parts[k]) for k in SERVER_FILES),
