@@ -10,7 +10,10 @@ train messages sent, rounds 0 and 1 done; and the server's own laps (``setup_sec
     python benchmarks/first_round.py                                   # the defaults
     python benchmarks/first_round.py --run-config "compute-dtype='fp32'"
 
-Goal (issue 17): the first train message leaves within 15 s of the ServerApp's start.
+Goal (issue 17): the first train message leaves within 15 s of the ServerApp's start. The
+ServerApp's start is its first log line, which follows the library's import (inside main since
+d66b889, at module level before); the time since the command is the measure that compares
+across that change.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def main() -> None:
     rows += [(f"server lap: {k}", f"{common.median(r['setup_seconds'][k] for r in runs):.1f}", "") for k in runs[0]["setup_seconds"]]
     text = common.table(("milestone", "s since the command", "s since the ServerApp's start"), rows)
     to_train = marks["first train messages sent"] - marks["main"]
-    text += f"\n\nFirst train messages {to_train:.1f} s after the ServerApp's start (goal: within {GOAL_S:.0f} s)."
+    text += (f"\n\nFirst train messages {to_train:.1f} s after the ServerApp's start (goal: within {GOAL_S:.0f} s), "
+             f"{marks['first train messages sent']:.1f} s after the command's.")
     common.finish(args, "first_round", {"runs": runs, "marks": marks, "to_first_train_s": to_train, "goal_s": GOAL_S}, text)
 
 

@@ -92,3 +92,15 @@ def test_the_gguf_cache_is_keyed_by_content_not_by_path(tmp_path, tiny_model_dir
     path.write_bytes(content + b"!")
     with pytest.raises(ModelError, match="weights.gguf: not a GGUF file transformers can de-quantize"):
         load_model(str(path), cache_dir=tmp_path / "cache")
+
+
+def test_state_hash_is_sha256_of_names_dtypes_shapes_and_bytes_in_key_order():
+    """Against hashlib on copies of each tensor's bytes (a transposed, non-contiguous one included)."""
+    import hashlib
+
+    state = {"b": torch.tensor([1, 2], dtype=torch.int64), "a": torch.arange(6.0).reshape(2, 3).t(), "e": torch.zeros(0)}
+    digest = hashlib.sha256()
+    for key in ("a", "b", "e"):
+        tensor = state[key].contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode() + tensor.numpy().tobytes())
+    assert state_hash(state) == digest.hexdigest()

@@ -257,5 +257,5 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")  # the buffer itself, not a copy
     return digest.hexdigest()
