@@ -73,19 +73,12 @@ class WorkAfterFirstTrainPush:
         messages = list(messages)
         if self._work is None or any(m.metadata.message_type != P.TRAIN for m in messages):
             return self._grid.send_and_receive(messages, timeout=timeout)
-        pending = set(self._grid.push_messages(messages))
+        pending = list(self._grid.push_messages(messages))
         end = time.time() + (timeout or 0.0)
         log.info("train messages sent to %d nodes; round 0 is evaluated while they train", len(pending))
         work, self._work = self._work, None
         work()
-        replies: list[Message] = []
-        while pending and (timeout is None or time.time() < end):
-            got = list(self._grid.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(self._pull_interval_s)
-        return replies
+        return pull_replies(self._grid, pending, None if timeout is None else end - time.time(), self._pull_interval_s)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -101,30 +94,36 @@ def push_partition_queries(grid: Grid, nodes: Iterable[int]) -> dict[str, int]:
     return asked
 
 
-def pull_partition_answers(grid: Grid, asked: dict[str, int], timeout: float) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
-    """The answers to partition queries sent by :func:`push_partition_queries`, pulled until all have
-    come or ``timeout`` has passed (as Flower's ``send_and_receive`` does). Returns ``{node:
-    (partition, partitions)}`` of those that answered in time and in form, and ``{node: reason}``
-    of the others."""
-    found, failed = {}, {}
-    pending, end = set(asked), time.time() + timeout
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                failed[node] = f"did not say its partition: {P.error_reason(reply.error.reason)}"
-                continue
-            try:
-                found[node] = P.read_partition_reply(reply.content)
-            except P.ProtocolError as err:
-                failed[node] = f"did not say its partition: {err}"
-        if pending and time.time() >= end:
-            break
+def pull_replies(grid: Grid, message_ids: Iterable[str], timeout: float | None, pull_interval_s: float = 0.1) -> list[Message]:
+    """The replies to pushed messages, pulled until all have come or ``timeout`` seconds have
+    passed (``None``: until all have come), as Flower's ``send_and_receive`` does after its push."""
+    pending, end = set(message_ids), None if timeout is None else time.time() + timeout
+    replies: list[Message] = []
+    while pending and (end is None or time.time() < end):
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
         if pending:
-            time.sleep(0.1)
-    for message_id in pending:
-        failed[asked[message_id]] = f"did not say its partition within {timeout:g}s"
+            time.sleep(pull_interval_s)
+    return replies
+
+
+def pull_partition_answers(grid: Grid, asked: dict[str, int], timeout: float) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """The answers to partition queries sent by :func:`push_partition_queries`, pulled for at most
+    ``timeout`` seconds. Returns ``{node: (partition, partitions)}`` of those that answered in time
+    and in form, and ``{node: reason}`` of the others."""
+    found, failed = {}, {}
+    for reply in pull_replies(grid, asked, timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed[node] = f"did not say its partition: {P.error_reason(reply.error.reason)}"
+            continue
+        try:
+            found[node] = P.read_partition_reply(reply.content)
+        except P.ProtocolError as err:
+            failed[node] = f"did not say its partition: {err}"
+    for node in set(asked.values()) - set(found) - set(failed):
+        failed[node] = f"did not say its partition within {timeout:g}s"
     return found, failed
 
 

@@ -117,7 +117,7 @@ def make_partitioner(table: Dataset, fed: FederationConfig, num_partitions: int,
     return partitioner
 
 
-def _partition(partitioner: Partitioner, fed: FederationConfig, partition_id: int):
+def _partition(partitioner: Partitioner, fed: FederationConfig, partition_id: int) -> Dataset:
     """Shard ``partition_id`` as the partitioner's Arrow dataset, checked to exist and be non-empty."""
     if not 0 <= partition_id < partitioner.num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{partitioner.num_partitions - 1}")
