@@ -12,7 +12,7 @@ import torch
 from fed_crash.core.artifacts import save_adapters, save_emulator
 from fed_crash.core.emulator import build_emulator
 from fed_crash.core.models import load_model
-from fed_crash.evaluation.stats import gain_retention, paired_bootstrap
+from fed_crash.evaluation.stats import gain_retention, paired_bootstrap, seeds_interval
 from fed_crash.federation.checkpoint import StrategyState, write_checkpoint
 from fed_crash.selection import make_spec
 from fed_crash.tools.experiment import CELL_FILE, load_experiment, run_experiment
@@ -78,6 +78,7 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     for row in rows:
         zero_shot, plug_in = correct(row["cell"], "full_zero_shot"), correct(row["cell"], "plug_in")
         assert row["gain"] == paired_bootstrap(plug_in, zero_shot)
+        assert row["correct"] == {"plug_in": plug_in, "zero_shot": zero_shot}
         assert row["mb_per_client"] == pytest.approx((2 * 4e6 + 2 * 2e6) / 2 / 1e6) and row["peak_rss_mib"] == 101.0
         if row["cell"].startswith("full"):
             assert "ceiling" not in row and "retention" not in row
@@ -88,6 +89,15 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     text = (exp.folder / "tasks.md").read_text()
     assert "| uniform_0 | quiz | 12 |" in text and (exp.folder / "frontier.png").stat().st_size > 0
     assert "| uniform | quiz | 2 |" in text and "| full | quiz | 2 |" in text  # the seeds table: two repeats each
+    seeds = {s["configuration"]: s for s in json.loads((exp.folder / "tasks.json").read_text())["seeds"]}
+    for method in ("uniform", "full"):  # recomputed from the per-question records of both seeds
+        by_seed = [(correct(f"{method}_{seed}", "plug_in"), correct(f"{method}_{seed}", "full_zero_shot")) for seed in (0, 1)]
+        got = seeds[method]
+        assert got["cells"] == [f"{method}_0", f"{method}_1"] and got["n"] == 12
+        assert got["gain"] == seeds_interval([paired_bootstrap(p, z)["difference"] for p, z in by_seed])
+        averaged = [(a + b) / 2 for a, b in zip(by_seed[0][0], by_seed[1][0])]
+        assert got["averaged_gain"] == paired_bootstrap(averaged, by_seed[0][1])
+        assert got["beyond"] == sum(paired_bootstrap(p, z)["low"] > 0 for p, z in by_seed)
     summary = (exp.folder / "summary.md").read_text()
     assert "| uniform | 2 | 1.8950 ± 0.0071 | 1.8900-1.9000 |" in summary and "[tasks.md](tasks.md)" in summary
 

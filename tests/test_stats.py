@@ -1,4 +1,4 @@
-"""lm-eval's stderr and the paired bootstrap, against hand-computed values and an independent loop."""
+"""lm-eval's stderr, the paired bootstrap and the interval over seeds, against hand-computed values and an independent loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fed_crash.evaluation.stats import gain_retention, mean_stderr, paired_bootstrap
+from fed_crash.evaluation.stats import gain_retention, mean_stderr, paired_bootstrap, seeds_interval
 
 
 def test_mean_stderr_is_lm_evals_sample_std_over_sqrt_n():
@@ -58,3 +58,17 @@ def test_gain_retention_hand_computed_and_against_an_independent_loop():
     assert got["undefined"] == 0.0
     with pytest.raises(ValueError, match="the same documents"):
         gain_retention([1], [1, 0], [1, 1])
+
+
+def test_seeds_interval_is_the_student_t_interval_of_the_mean():
+    # [1, 2, 3]: mean 2, sd 1, stderr 1/sqrt(3); t(0.975, 2 df) = 4.302653 (a t table): half-width 2.484138
+    got = seeds_interval([1, 2, 3])
+    assert (got["mean"], got["n"], got["level"]) == (2.0, 3, 0.95)
+    assert got["low"] == pytest.approx(2 - 2.484138, abs=1e-6) and got["high"] == pytest.approx(2 + 2.484138, abs=1e-6)
+    # [0.02, 0.04]: mean 0.03, sd 0.014142, stderr 0.01; t(0.95, 1 df) = 6.313752 for a 90% interval
+    got = seeds_interval([0.02, 0.04], level=0.90)
+    assert (got["low"], got["high"]) == (pytest.approx(0.03 - 0.06313752), pytest.approx(0.03 + 0.06313752))
+    one = seeds_interval([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["low"]) and math.isnan(one["high"])
+    with pytest.raises(ValueError, match="at least one value"):
+        seeds_interval([])

@@ -12,7 +12,9 @@ those records, per task and cell:
   ceiling's gain the plug-in keeps (:func:`fed_crash.evaluation.stats.gain_retention`);
 * bytes per client (everything sent and received over the run, the emulator included) and the
   clients' peak resident memory;
-* over cells that differ only in their seeds: the mean and spread of the plug-in's accuracy and gain.
+* over cells that differ only in their seeds: the mean and spread of the plug-in's accuracy and
+  gain, the gain's Student-t 95% interval over the seeds, and the seed-averaged plug-in's gain
+  with a paired bootstrap interval over the questions (:func:`seed_summaries`).
 
 ``tasks.md`` holds the tables and ``frontier.png`` plots plug-in accuracy against bytes sent.
 """
@@ -31,7 +33,7 @@ from fed_crash.core.models import resolve_device
 from fed_crash.core.plots import figure
 from fed_crash.core.precision import compute_dtype
 from fed_crash.evaluation.report import four_model_report, load_tasks
-from fed_crash.evaluation.stats import gain_retention, paired_bootstrap
+from fed_crash.evaluation.stats import gain_retention, paired_bootstrap, seeds_interval
 from fed_crash.federation.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,8 @@ def traffic(history: list[dict]) -> tuple[float, float]:
 def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict]:
     """One row per cell and task: the five accuracies (with lm-eval's stderr), the plug-in's gain
     over zero-shot and its share of the ceiling's gain (paired, with 95% intervals), MB per
-    client and peak memory."""
+    client and peak memory, and the per-question correctness behind them (``correct``), so that
+    ``tasks.json`` alone allows other paired analyses."""
     cells = [cell for cell, _, _ in finished]
     rows = []
     for cell, _, history in finished:
@@ -137,7 +140,7 @@ def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict
             zero_shot, plug_in = (_correct(_samples(experiment, cell.name, report, m, task)) for m in ("full_zero_shot", "plug_in"))
             row = {"cell": cell.name, "task": task, "n": len(plug_in), "mb_per_client": mb, "peak_rss_mib": peak,
                    **{m: (s[METRIC], s[f"{METRIC}_stderr"]) for m, s in scores.items()},
-                   "gain": paired_bootstrap(plug_in, zero_shot)}
+                   "gain": paired_bootstrap(plug_in, zero_shot), "correct": {"plug_in": plug_in, "zero_shot": zero_shot}}
             if ceiling and ceiling in reports:
                 top = _correct(_samples(experiment, ceiling, reports[ceiling], "plug_in", task))
                 row["ceiling"] = (sum(top) / len(top), reports[ceiling]["models"]["plug_in"]["tasks"][task][f"{METRIC}_stderr"])
@@ -182,23 +185,40 @@ def seed_groups(cells: list) -> dict[str, list[str]]:
     return out
 
 
-def seeds_table(rows: list[dict], groups: dict[str, list[str]]) -> str:
-    """Per group of seed repeats and task: mean and sample standard deviation of the plug-in's
-    accuracy and of its gain over zero-shot, and how many repeats beat zero-shot beyond the interval."""
-    if not groups:
-        return ""
-    lines = ["| configuration | task | seeds | plug-in acc (mean ± sd) | plug-in - zero-shot, points (mean ± sd) | repeats beating zero-shot beyond the 95% interval |",
-             "|---|---|---|---|---|---|"]
+def seed_summaries(rows: list[dict], groups: dict[str, list[str]]) -> list[dict]:
+    """Per group of seed repeats and task, two views of one question, "does the plug-in beat zero-shot?":
+
+    * ``gain``: the mean over seeds of each seed's gain, with a Student-t 95% interval over the
+      seeds (their spread: the training's randomness, the questions held fixed);
+    * ``averaged_gain``: the gain of the seed-averaged plug-in (each question's correctness
+      averaged over the seeds) with a paired bootstrap interval over the questions (their
+      sampling, the seeds held fixed).
+
+    Also the plug-in accuracy's mean and sample sd, and how many seeds alone beat zero-shot
+    beyond their own paired interval. Groups with fewer than two rows on a task are left out."""
+    out = []
     for name, members in groups.items():
         for task in dict.fromkeys(r["task"] for r in rows):
             picked = [r for r in rows if r["cell"] in members and r["task"] == task]
             if len(picked) < 2:
                 continue
-            acc = [100 * r["plug_in"][0] for r in picked]
-            gain = [100 * r["gain"]["difference"] for r in picked]
-            beyond = sum(r["gain"]["low"] > 0 for r in picked)
-            lines.append(f"| {name} | {task} | {len(picked)} | {statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f} | "
-                         f"{statistics.mean(gain):+.1f} ± {statistics.stdev(gain):.1f} | {beyond} of {len(picked)} |")
+            plug_in, zero_shot = ([sum(col) / len(col) for col in zip(*(r["correct"][m] for r in picked))] for m in ("plug_in", "zero_shot"))
+            acc = [r["plug_in"][0] for r in picked]
+            out.append({"configuration": name, "task": task, "cells": [r["cell"] for r in picked], "n": picked[0]["n"],
+                        "plug_in": (statistics.mean(acc), statistics.stdev(acc)),
+                        "gain": seeds_interval([r["gain"]["difference"] for r in picked]),
+                        "averaged_gain": paired_bootstrap(plug_in, zero_shot),
+                        "beyond": sum(r["gain"]["low"] > 0 for r in picked)})
+    return out
+
+
+def seeds_table(summaries: list[dict]) -> str:
+    lines = ["| configuration | task | seeds | plug-in acc (mean ± sd) | plug-in - zero-shot, points: mean [95% t interval over seeds] | "
+             "seed-averaged plug-in - zero-shot [95% bootstrap over questions] | seeds beating zero-shot beyond their interval |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['configuration']} | {s['task']} | {len(s['cells'])} | {100 * s['plug_in'][0]:.1f} ± {100 * s['plug_in'][1]:.1f} | "
+                     f"{_interval(s['gain'], 'mean')} | {_interval(s['averaged_gain'])} | {s['beyond']} of {len(s['cells'])} |")
     return "\n".join(lines)
 
 
@@ -224,6 +244,7 @@ def write_tasks_summary(experiment, finished: list, reports: dict[str, dict]) ->
     """``tasks.md`` (the per-task table, the seeds table) and ``frontier.png``; ``tasks.json`` holds every figure."""
     rows = task_rows(experiment, finished, reports)
     groups = seed_groups([cell for cell, _, _ in finished])
+    summaries = seed_summaries(rows, groups)
     folder = experiment.folder
     plot_frontier(rows, folder / "frontier.png")
     n = sorted({r["n"] for r in rows})
@@ -232,9 +253,9 @@ def write_tasks_summary(experiment, finished: list, reports: dict[str, dict]) ->
             "gain retention with paired bootstrap 95% intervals over the same questions (10,000 resamples). Ceiling: the plug-in "
             f"of the cell with emulator method '{CEILING}' and otherwise the same run config. One run per cell unless the seeds table says otherwise.",
             "", tasks_table(rows)]
-    if groups:
-        text += ["", "## Over seeds", "", seeds_table(rows, groups)]
+    if summaries:
+        text += ["", "## Over seeds", "", seeds_table(summaries)]
     text += ["", "![plug-in accuracy against bytes per client](frontier.png)"]
     (folder / "tasks.md").write_text("\n".join(text) + "\n")
-    (folder / "tasks.json").write_text(json.dumps({"rows": rows, "seed_groups": groups}, indent=1))
+    (folder / "tasks.json").write_text(json.dumps({"rows": rows, "seed_groups": groups, "seeds": summaries}, indent=1))
     return folder / "tasks.md"
