@@ -78,12 +78,12 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     for row in rows:
         zero_shot, plug_in = correct(row["cell"], "full_zero_shot"), correct(row["cell"], "plug_in")
         assert row["gain"] == paired_bootstrap(plug_in, zero_shot)
-        assert row["correct"] == {"plug_in": plug_in, "zero_shot": zero_shot}
+        ceiling = None if row["cell"].startswith("full") else correct("full_" + row["cell"][-1], "plug_in")  # uniform_<seed>'s is full_<seed>
+        assert row["correct"] == {"plug_in": plug_in, "zero_shot": zero_shot, **({"ceiling": ceiling} if ceiling else {})}
         assert row["mb_per_client"] == pytest.approx((2 * 4e6 + 2 * 2e6) / 2 / 1e6) and row["peak_rss_mib"] == 101.0
         if row["cell"].startswith("full"):
             assert "ceiling" not in row and "retention" not in row
-        else:  # uniform_<seed>'s ceiling is full_<seed>
-            ceiling = correct("full_" + row["cell"][-1], "plug_in")
+        else:
             assert row["ceiling"][0] == pytest.approx(sum(ceiling) / 12)
             assert json.dumps(row["retention"]) == json.dumps(gain_retention(plug_in, zero_shot, ceiling))
     text = (exp.folder / "tasks.md").read_text()
@@ -98,6 +98,10 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
         averaged = [(a + b) / 2 for a, b in zip(by_seed[0][0], by_seed[1][0])]
         assert got["averaged_gain"] == paired_bootstrap(averaged, by_seed[0][1])
         assert got["beyond"] == sum(paired_bootstrap(p, z)["low"] > 0 for p, z in by_seed)
+    averaged_ceiling = [(a + b) / 2 for a, b in zip(correct("full_0", "plug_in"), correct("full_1", "plug_in"))]
+    averaged_plug_in = [(a + b) / 2 for a, b in zip(correct("uniform_0", "plug_in"), correct("uniform_1", "plug_in"))]
+    assert json.dumps(seeds["uniform"]["averaged_retention"]) == json.dumps(gain_retention(averaged_plug_in, correct("uniform_0", "full_zero_shot"), averaged_ceiling))
+    assert "averaged_retention" not in seeds["full"]  # the ceiling has no ceiling
     summary = (exp.folder / "summary.md").read_text()
     assert "| uniform | 2 | 1.8950 ± 0.0071 | 1.8900-1.9000 |" in summary and "[tasks.md](tasks.md)" in summary
 

@@ -68,13 +68,18 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Held-out loss (mean over response tokens) and perplexity; forward passes in ``dtype``
-    (:mod:`fed_crash.core.precision`), the loss summed in fp32."""
+    (:mod:`fed_crash.core.precision`), the loss summed in fp32.
+
+    The examples are batched by length: the loss is a sum over tokens, so the order does not
+    change it, and a batch of similar lengths pads less (a random batch of Alpaca rows pads to
+    its longest)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
+    by_length = sorted(examples, key=lambda e: len(e.input_ids))
     with linear_weights_in(dtype, model, frozen_only=False):
-        for batch in tqdm(list(batches(examples, batch_size, pad_id)), desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(list(batches(by_length, batch_size, pad_id)), desc=desc, disable=not progress, leave=False):
             with autocast(dtype, device):
                 loss, n = response_loss(model, batch)
             total, tokens = total + float(loss), tokens + n

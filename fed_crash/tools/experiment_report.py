@@ -145,6 +145,7 @@ def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict
                 top = _correct(_samples(experiment, ceiling, reports[ceiling], "plug_in", task))
                 row["ceiling"] = (sum(top) / len(top), reports[ceiling]["models"]["plug_in"]["tasks"][task][f"{METRIC}_stderr"])
                 row["retention"] = gain_retention(plug_in, zero_shot, top)
+                row["correct"]["ceiling"] = top
             rows.append(row)
     return rows
 
@@ -157,16 +158,20 @@ def _interval(d: dict, key: str = "difference", scale: float = 100.0, fmt: str =
     return f"{scale * d[key]:{fmt}} [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]"
 
 
+def _kept(retention: dict | None) -> str:
+    if not retention:
+        return "-"
+    return "no ceiling gain" if retention["retention"] is None else _interval(retention, "retention", 100, ".0f") + " %"
+
+
 def tasks_table(rows: list[dict]) -> str:
     head = ["cell", "task", "n", "full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in", "ceiling",
             "plug-in - zero-shot (points)", "gain retained", "MB per client", "client peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        retention = r.get("retention")
-        kept = "-" if not retention else ("no ceiling gain" if retention["retention"] is None else _interval(retention, "retention", 100, ".0f") + " %")
         lines.append(f"| {r['cell']} | {r['task']} | {r['n']} | {_pct(r['full_zero_shot'])} | {_pct(r['emulator_zero_shot'])} | "
                      f"{_pct(r['emulator_fine_tuned'])} | {_pct(r['plug_in'])} | {_pct(r['ceiling']) if 'ceiling' in r else '-'} | "
-                     f"{_interval(r['gain'])} | {kept} | {r['mb_per_client']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{_interval(r['gain'])} | {_kept(r.get('retention'))} | {r['mb_per_client']:.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -195,30 +200,38 @@ def seed_summaries(rows: list[dict], groups: dict[str, list[str]]) -> list[dict]
       sampling, the seeds held fixed).
 
     Also the plug-in accuracy's mean and sample sd, and how many seeds alone beat zero-shot
-    beyond their own paired interval. Groups with fewer than two rows on a task are left out."""
+    beyond their own paired interval; when every seed has its ceiling, ``averaged_retention``:
+    the share of the seed-averaged ceiling's gain the seed-averaged plug-in keeps, with its
+    bootstrap interval over the questions. Groups with fewer than two rows on a task are left out."""
     out = []
     for name, members in groups.items():
         for task in dict.fromkeys(r["task"] for r in rows):
             picked = [r for r in rows if r["cell"] in members and r["task"] == task]
             if len(picked) < 2:
                 continue
-            plug_in, zero_shot = ([sum(col) / len(col) for col in zip(*(r["correct"][m] for r in picked))] for m in ("plug_in", "zero_shot"))
+            models = ("plug_in", "zero_shot", "ceiling") if all("ceiling" in r["correct"] for r in picked) else ("plug_in", "zero_shot")
+            averaged = {m: [sum(col) / len(col) for col in zip(*(r["correct"][m] for r in picked))] for m in models}
             acc = [r["plug_in"][0] for r in picked]
-            out.append({"configuration": name, "task": task, "cells": [r["cell"] for r in picked], "n": picked[0]["n"],
-                        "plug_in": (statistics.mean(acc), statistics.stdev(acc)),
-                        "gain": seeds_interval([r["gain"]["difference"] for r in picked]),
-                        "averaged_gain": paired_bootstrap(plug_in, zero_shot),
-                        "beyond": sum(r["gain"]["low"] > 0 for r in picked)})
+            summary = {"configuration": name, "task": task, "cells": [r["cell"] for r in picked], "n": picked[0]["n"],
+                       "plug_in": (statistics.mean(acc), statistics.stdev(acc)),
+                       "gain": seeds_interval([r["gain"]["difference"] for r in picked]),
+                       "averaged_gain": paired_bootstrap(averaged["plug_in"], averaged["zero_shot"]),
+                       "beyond": sum(r["gain"]["low"] > 0 for r in picked)}
+            if "ceiling" in averaged:
+                summary["averaged_retention"] = gain_retention(averaged["plug_in"], averaged["zero_shot"], averaged["ceiling"])
+            out.append(summary)
     return out
 
 
 def seeds_table(summaries: list[dict]) -> str:
     lines = ["| configuration | task | seeds | plug-in acc (mean ± sd) | plug-in - zero-shot, points: mean [95% t interval over seeds] | "
-             "seed-averaged plug-in - zero-shot [95% bootstrap over questions] | seeds beating zero-shot beyond their interval |",
-             "|---|---|---|---|---|---|---|"]
+             "seed-averaged plug-in - zero-shot [95% bootstrap over questions] | seeds beating zero-shot beyond their interval | "
+             "gain retained by the seed-averaged plug-in [95% bootstrap] |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['configuration']} | {s['task']} | {len(s['cells'])} | {100 * s['plug_in'][0]:.1f} ± {100 * s['plug_in'][1]:.1f} | "
-                     f"{_interval(s['gain'], 'mean')} | {_interval(s['averaged_gain'])} | {s['beyond']} of {len(s['cells'])} |")
+                     f"{_interval(s['gain'], 'mean')} | {_interval(s['averaged_gain'])} | {s['beyond']} of {len(s['cells'])} | "
+                     f"{_kept(s.get('averaged_retention'))} |")
     return "\n".join(lines)
 
 
