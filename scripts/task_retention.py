@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", type=Path, help="tasks.json holding the plug-ins' rows")
     parser.add_argument("ceiling", type=Path, help="the ceiling cell's report folder")
+    parser.add_argument("--zero-shot", type=Path, help="the report folder holding the full model's zero-shot samples (an experiment scores them once, in its first cell; default: the ceiling's)")
     parser.add_argument("--cells", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -39,7 +40,8 @@ def main() -> None:
         if row["cell"] not in args.cells:
             continue
         task = row["task"]
-        top, zero_shot = (correct(args.ceiling / f"samples-{m}-{task}.jsonl") for m in ("plug_in", "full_zero_shot"))
+        top = correct(args.ceiling / f"samples-plug_in-{task}.jsonl")
+        zero_shot = correct((args.zero_shot or args.ceiling) / f"samples-full_zero_shot-{task}.jsonl")
         if zero_shot != row["correct"]["zero_shot"]:
             raise SystemExit(f"{task}: the two runs scored the full model differently; their plug-ins cannot be paired")
         kept, gap = gain_retention(row["correct"]["plug_in"], zero_shot, top), paired_bootstrap(row["correct"]["plug_in"], top)
