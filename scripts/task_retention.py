@@ -2,8 +2,8 @@
 
 The experiment's own summary pairs a cell with its ceiling when both ran in one results folder.
 When the ceiling ran later (or on another machine), this pairs them from what is kept: the
-plug-in's per-question correctness in ``tasks.json`` and the ceiling cell's
-``report/samples-*.jsonl``. It checks that both runs scored the full model alike, question for
+plug-in's per-question correctness in ``tasks.json`` and the ceiling cell's report (its
+``report.json`` says which cell holds the full model's zero-shot records). It checks that both runs scored the full model alike, question for
 question, and prints per cell and task the ceiling's accuracy and gain, the plug-in's gain, the
 share kept (:func:`fed_crash.evaluation.stats.gain_retention`) and plug-in minus ceiling
 (paired bootstrap), and writes them as JSON.
@@ -19,20 +19,17 @@ import json
 from pathlib import Path
 
 from fed_crash.evaluation.stats import gain_retention, paired_bootstrap
-
-
-def correct(path: Path) -> list[int]:
-    return [json.loads(line)["correct"]["acc"] for line in path.read_text().splitlines()]
+from fed_crash.tools.experiment_report import correct_answers, interval_text, kept_text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", type=Path, help="tasks.json holding the plug-ins' rows")
     parser.add_argument("ceiling", type=Path, help="the ceiling cell's report folder")
-    parser.add_argument("--zero-shot", type=Path, help="the report folder holding the full model's zero-shot samples (an experiment scores them once, in its first cell; default: the ceiling's)")
     parser.add_argument("--cells", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    report = json.loads((args.ceiling / "report.json").read_text())
     out = {}
     print("| cell | task | ceiling acc | ceiling - zero-shot | plug-in - zero-shot | gain retained [95% bootstrap] | plug-in - ceiling [95%] |")
     print("|---|---|---|---|---|---|---|")
@@ -40,15 +37,13 @@ def main() -> None:
         if row["cell"] not in args.cells:
             continue
         task = row["task"]
-        top = correct(args.ceiling / f"samples-plug_in-{task}.jsonl")
-        zero_shot = correct((args.zero_shot or args.ceiling) / f"samples-full_zero_shot-{task}.jsonl")
+        top, zero_shot = (correct_answers(args.ceiling, report, m, task) for m in ("plug_in", "full_zero_shot"))
         if zero_shot != row["correct"]["zero_shot"]:
             raise SystemExit(f"{task}: the two runs scored the full model differently; their plug-ins cannot be paired")
         kept, gap = gain_retention(row["correct"]["plug_in"], zero_shot, top), paired_bootstrap(row["correct"]["plug_in"], top)
         out[f"{row['cell']}/{task}"] = {"retention": kept, "plug_in_minus_ceiling": gap}
-        share = "no ceiling gain" if kept["retention"] is None else f"{100 * kept['retention']:.0f} [{100 * kept['low']:.0f}, {100 * kept['high']:.0f}] %"
-        print(f"| {row['cell']} | {task} | {100 * sum(top) / len(top):.1f} | {100 * kept['ceiling_gain']:+.1f} | {100 * kept['gain']:+.1f} | {share} | "
-              f"{100 * gap['difference']:+.1f} [{100 * gap['low']:+.1f}, {100 * gap['high']:+.1f}] |")
+        print(f"| {row['cell']} | {task} | {100 * sum(top) / len(top):.1f} | {100 * kept['ceiling_gain']:+.1f} | {100 * kept['gain']:+.1f} | "
+              f"{kept_text(kept)} | {interval_text(gap)} |")
     args.out.write_text(json.dumps(out, indent=1))
 
 

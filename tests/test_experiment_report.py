@@ -5,6 +5,9 @@ table recomputed here from the per-question records, and a second pass that scor
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from fed_crash.federation.checkpoint import StrategyState, write_checkpoint
 from fed_crash.selection import make_spec
 from fed_crash.tools.experiment import CELL_FILE, load_experiment, run_experiment
 from tests.conftest import ROWS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPERIMENT = """
 [experiment]
@@ -102,6 +107,12 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     averaged_plug_in = [(a + b) / 2 for a, b in zip(correct("uniform_0", "plug_in"), correct("uniform_1", "plug_in"))]
     assert json.dumps(seeds["uniform"]["averaged_retention"]) == json.dumps(gain_retention(averaged_plug_in, correct("uniform_0", "full_zero_shot"), averaged_ceiling))
     assert "averaged_retention" not in seeds["full"]  # the ceiling has no ceiling
+    # a ceiling scored in a later run: scripts/task_retention.py pairs the kept rows with its report alone
+    out = tmp_path / "retention.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "task_retention.py"), str(exp.folder / "tasks.json"), str(exp.folder / "full_0" / "report"),
+                    "--cells", "uniform_0", "--out", str(out)], check=True, capture_output=True)
+    uniform_0 = next(r for r in rows if r["cell"] == "uniform_0")
+    assert json.dumps(json.loads(out.read_text())["uniform_0/quiz"]["retention"]) == json.dumps(uniform_0["retention"])
     summary = (exp.folder / "summary.md").read_text()
     assert "| uniform | 2 | 1.8950 ± 0.0071 | 1.8900-1.9000 |" in summary and "[tasks.md](tasks.md)" in summary
 

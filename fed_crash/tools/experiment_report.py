@@ -87,16 +87,13 @@ def _same_questions(scored: dict, wanted: dict) -> bool:
     return key(scored) == key(wanted)
 
 
-def _samples(experiment, cell_name: str, report: dict, model: str, task: str) -> list[dict]:
-    """One model's per-question records on ``task``, from the cell that scored it (found by its
-    name, so an experiment folder that was moved still reads)."""
-    scored_by = Path(report["full_from"]).parent.parent.name if model == "full_zero_shot" and report.get("full_from") else cell_name
-    folder = experiment.folder / scored_by / REPORT
-    return [json.loads(line) for line in (folder / report["models"][model]["tasks"][task]["samples_file"]).read_text().splitlines() if line]
-
-
-def _correct(rows: list[dict]) -> list[int]:
-    return [row["correct"][METRIC] for row in rows]
+def correct_answers(report_folder: Path, report: dict, model: str, task: str) -> list[int]:
+    """One model's per-question correctness on ``task`` (``<cell>/report/`` and its report.json),
+    read from the cell that scored it: the full model's zero-shot records live in the cell named
+    by ``full_from`` (found by its name, so an experiment folder that was moved still reads)."""
+    scored_by = Path(report["full_from"]).parent.parent.name if model == "full_zero_shot" and report.get("full_from") else report_folder.parent.name
+    path = report_folder.parent.parent / scored_by / REPORT / report["models"][model]["tasks"][task]["samples_file"]
+    return [json.loads(line)["correct"][METRIC] for line in path.read_text().splitlines() if line]
 
 
 def ceiling_of(cell, cells: list) -> str | None:
@@ -137,12 +134,12 @@ def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict
         mb, peak = traffic(history)
         for task in report["tasks"]:
             scores = {m: report["models"][m]["tasks"][task] for m in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in")}
-            zero_shot, plug_in = (_correct(_samples(experiment, cell.name, report, m, task)) for m in ("full_zero_shot", "plug_in"))
+            zero_shot, plug_in = (correct_answers(experiment.folder / cell.name / REPORT, report, m, task) for m in ("full_zero_shot", "plug_in"))
             row = {"cell": cell.name, "task": task, "n": len(plug_in), "mb_per_client": mb, "peak_rss_mib": peak,
                    **{m: (s[METRIC], s[f"{METRIC}_stderr"]) for m, s in scores.items()},
                    "gain": paired_bootstrap(plug_in, zero_shot), "correct": {"plug_in": plug_in, "zero_shot": zero_shot}}
             if ceiling and ceiling in reports:
-                top = _correct(_samples(experiment, ceiling, reports[ceiling], "plug_in", task))
+                top = correct_answers(experiment.folder / ceiling / REPORT, reports[ceiling], "plug_in", task)
                 row["ceiling"] = (sum(top) / len(top), reports[ceiling]["models"]["plug_in"]["tasks"][task][f"{METRIC}_stderr"])
                 row["retention"] = gain_retention(plug_in, zero_shot, top)
                 row["correct"]["ceiling"] = top
@@ -154,14 +151,15 @@ def _pct(value_stderr: tuple[float, float]) -> str:
     return f"{100 * value_stderr[0]:.1f} ± {100 * value_stderr[1]:.1f}"
 
 
-def _interval(d: dict, key: str = "difference", scale: float = 100.0, fmt: str = "+.1f") -> str:
+def interval_text(d: dict, key: str = "difference", scale: float = 100.0, fmt: str = "+.1f") -> str:
     return f"{scale * d[key]:{fmt}} [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]"
 
 
-def _kept(retention: dict | None) -> str:
+def kept_text(retention: dict | None) -> str:
+    """A gain retention (:func:`fed_crash.evaluation.stats.gain_retention`) as the tables print it."""
     if not retention:
         return "-"
-    return "no ceiling gain" if retention["retention"] is None else _interval(retention, "retention", 100, ".0f") + " %"
+    return "no ceiling gain" if retention["retention"] is None else interval_text(retention, "retention", 100, ".0f") + " %"
 
 
 def tasks_table(rows: list[dict]) -> str:
@@ -171,7 +169,7 @@ def tasks_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['cell']} | {r['task']} | {r['n']} | {_pct(r['full_zero_shot'])} | {_pct(r['emulator_zero_shot'])} | "
                      f"{_pct(r['emulator_fine_tuned'])} | {_pct(r['plug_in'])} | {_pct(r['ceiling']) if 'ceiling' in r else '-'} | "
-                     f"{_interval(r['gain'])} | {_kept(r.get('retention'))} | {r['mb_per_client']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{interval_text(r['gain'])} | {kept_text(r.get('retention'))} | {r['mb_per_client']:.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -209,8 +207,8 @@ def seed_summaries(rows: list[dict], groups: dict[str, list[str]]) -> list[dict]
             picked = [r for r in rows if r["cell"] in members and r["task"] == task]
             if len(picked) < 2:
                 continue
-            models = ("plug_in", "zero_shot", "ceiling") if all("ceiling" in r["correct"] for r in picked) else ("plug_in", "zero_shot")
-            averaged = {m: [sum(col) / len(col) for col in zip(*(r["correct"][m] for r in picked))] for m in models}
+            shared = [m for m in picked[0]["correct"] if all(m in r["correct"] for r in picked)]  # the ceiling only if every seed has one
+            averaged = {m: [sum(col) / len(col) for col in zip(*(r["correct"][m] for r in picked))] for m in shared}
             acc = [r["plug_in"][0] for r in picked]
             summary = {"configuration": name, "task": task, "cells": [r["cell"] for r in picked], "n": picked[0]["n"],
                        "plug_in": (statistics.mean(acc), statistics.stdev(acc)),
@@ -230,8 +228,8 @@ def seeds_table(summaries: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['configuration']} | {s['task']} | {len(s['cells'])} | {100 * s['plug_in'][0]:.1f} ± {100 * s['plug_in'][1]:.1f} | "
-                     f"{_interval(s['gain'], 'mean')} | {_interval(s['averaged_gain'])} | {s['beyond']} of {len(s['cells'])} | "
-                     f"{_kept(s.get('averaged_retention'))} |")
+                     f"{interval_text(s['gain'], 'mean')} | {interval_text(s['averaged_gain'])} | {s['beyond']} of {len(s['cells'])} | "
+                     f"{kept_text(s.get('averaged_retention'))} |")
     return "\n".join(lines)
 
 
