@@ -113,6 +113,12 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
                     "--cells", "uniform_0", "--out", str(out)], check=True, capture_output=True)
     uniform_0 = next(r for r in rows if r["cell"] == "uniform_0")
     assert json.dumps(json.loads(out.read_text())["uniform_0/quiz"]["retention"]) == json.dumps(uniform_0["retention"])
+    # the ceiling as a cell kept in a tasks.json, and a second plug-in to compare against
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "task_retention.py"), str(exp.folder / "tasks.json"), "--ceiling", "full_0",
+                    "--cells", "uniform_0", "--against", "uniform_1", "--out", str(out)], check=True, capture_output=True)
+    kept = json.loads(out.read_text())["uniform_0/quiz"]
+    assert json.dumps(kept["retention"]) == json.dumps(uniform_0["retention"])
+    assert kept["plug_in_minus_against"] == paired_bootstrap(correct("uniform_0", "plug_in"), correct("uniform_1", "plug_in"))
     summary = (exp.folder / "summary.md").read_text()
     assert "| uniform | 2 | 1.8950 ± 0.0071 | 1.8900-1.9000 |" in summary and "[tasks.md](tasks.md)" in summary
 
@@ -132,3 +138,15 @@ def _write(tmp_path, mc, model):
     path = tmp_path / "tasks.toml"
     path.write_text(EXPERIMENT.format(results=tmp_path / "results", mc=mc, model=model))
     return path
+
+
+def test_an_aligned_emulator_cell_pairs_with_the_ceiling_of_its_other_settings():
+    from types import SimpleNamespace as Cell
+
+    from fed_crash.tools.experiment_report import ceiling_of
+
+    full = [Cell(name=f"full_{s}", run_config={"emulator.method": "full", "seed": s}) for s in (0, 1)]
+    aligned = Cell(name="search-aligned_0", run_config={"emulator.method": "search", "emulator.keep": 14, "fedbiot-align-steps": 30,
+                                                       "fedbiot-align-lr": 1e-4, "seed": 1})
+    assert ceiling_of(aligned, full) == "full_1"  # the alignment acts on the emulator only; the seed must match
+    assert ceiling_of(Cell(name="x", run_config={**aligned.run_config, "strategy": "fedprox"}), full) is None

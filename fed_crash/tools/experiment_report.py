@@ -96,11 +96,15 @@ def correct_answers(report_folder: Path, report: dict, model: str, task: str) ->
     return [json.loads(line)["correct"][METRIC] for line in path.read_text().splitlines() if line]
 
 
+EMULATOR_ONLY = ("fedbiot-align-steps", "fedbiot-align-lr")  # run-config keys that act on the emulator alone
+
+
 def ceiling_of(cell, cells: list) -> str | None:
     """The cell that trains the same adapters on the full model: method ``full``, the rest of the
-    run config equal (emulator options other than the method do not apply to it)."""
+    run config equal (emulator options other than the method, and FedBiOT's alignment of the
+    emulator, do not apply to it)."""
     def rest(c) -> dict:
-        return {k: v for k, v in c.run_config.items() if not k.startswith("emulator.")}
+        return {k: v for k, v in c.run_config.items() if not k.startswith("emulator.") and k not in EMULATOR_ONLY}
 
     if cell.run_config.get("emulator.method") == CEILING:
         return None
