@@ -181,6 +181,9 @@ def test_smoke_experiment_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir,
     # FedBiOT alignment after rounds 0 and 1: a new emulator folder each time, sent again to every node
     assert [h["alignment"]["steps"] for h in dp[:2]] == [2, 2] and "alignment" not in dp[2]
     assert (exp.folder / "fedbiot-dp" / "emulator-round-1" / "emulator.safetensors").is_file()
+    # a re-aligned emulator names the owner's model as its source, not the model with that round's adapters plugged in
+    first, aligned = (json.loads((exp.folder / "fedbiot-dp" / f / "emulator.json").read_text())["source"]["sha256"] for f in ("emulator", "emulator-round-1"))
+    assert aligned == first
     assert dp[2]["emulator_bytes_down"] > 0 and history["fedavg"][2]["emulator_bytes_down"] == 0
     # FedAdam's server moments are checkpointed with the adapters, one entry per adapter tensor each
     adapters = load_file(exp.folder / "fedadam" / "adapters" / "round-2.safetensors")

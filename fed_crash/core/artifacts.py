@@ -121,10 +121,15 @@ def save_emulator(
     weights: dict[str, torch.Tensor] | None = None,
     weights_dtype: str = "fp32",
     compute_dtype: str = "fp32",
+    source_sha256: str | None = None,
 ) -> Path:
     """Write an emulator folder for ``model`` cut by ``spec`` (see module docstring).
     ``weights``: the emulator's own weights when they changed after the cut (FedBiOT's
     alignment, see :func:`fed_crash.core.emulator.emulator_weights`); else cut from ``model``.
+    ``source_sha256``: the weights hash of the model the emulator was first cut from, when
+    ``model`` now holds other adapters (a re-aligned emulator is written with the round's
+    adapters plugged in; its source is still the owner's model, which reports and resumed runs
+    check it against); else ``model``'s own.
     ``weights_dtype`` ``bf16`` stores the frozen weights rounded to bf16 (half the bytes to send;
     the adapters file stays in the model's dtype); ``compute_dtype`` records the dtype the
     server's CKA or search ran in."""
@@ -143,7 +148,7 @@ def save_emulator(
         "layer_prefix": layer_path(model),
         "layer_map": [{"position": i, "source": src, "role": role} for i, (src, role) in enumerate(spec.layer_map())],
         "sharing_map": {str(k): v for k, v in spec.sharing_map().items()},
-        "source": {"model_id": source_id, "sha256": state_hash(model.state_dict())},
+        "source": {"model_id": source_id, "sha256": source_sha256 or state_hash(model.state_dict())},
         # Content hash of the emulator's tensors: checked on arrival, whatever the serialisation.
         "weights_sha256": state_hash(weights),
         "weights_dtype": weights_dtype,

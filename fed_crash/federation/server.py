@@ -299,6 +299,7 @@ class RoundEvaluator:
         self.run, self.cfg, self.loaded, self.spec, self.similarity, self.strategy = run, cfg, loaded, spec, similarity, strategy
         model, tokenizer = loaded.model, loaded.tokenizer
         self.emulator_folder = emulator_folder
+        self.source_sha256 = json.loads((emulator_folder / MANIFEST).read_text())["source"]["sha256"]  # the owner's model, before any plug-in
         # a resumed run reads its emulator back (FedBiOT may have re-aligned it); a new one is cut from the model in memory
         self.emulator = (load_emulator(emulator_folder, run.checkpoint.adapters, device=str(next(model.parameters()).device))[0]
                          if run.checkpoint else build_emulator(model, spec))
@@ -361,7 +362,7 @@ class RoundEvaluator:
                                batch_size=cfg.train.batch_size, seed=cfg.data.seed + server_round)
         self.emulator_folder = save_emulator(self.run.folder / f"emulator-round-{server_round}", model, self.loaded.tokenizer, self.spec,
                                              source_id=self.loaded.model_id, similarity=self.similarity, weights=emulator_weights(self.emulator),
-                                             weights_dtype=cfg.fed.wire_dtype, compute_dtype=dtype_name(self.run.dtype))
+                                             weights_dtype=cfg.fed.wire_dtype, compute_dtype=dtype_name(self.run.dtype), source_sha256=self.source_sha256)
         self.strategy.set_emulator(emulator_payload(self.emulator_folder, model, self.spec))
         return stats
 
