@@ -350,9 +350,9 @@ class OffsiteStrategy(Strategy):
         config = ConfigRecord({**config, **P.train_config(self.emulator.sha256 if self.emulator else "", self.wire_dtype)})
         ready = []
         sampled = self._sample(server_round, arrays, config, grid)
-        if self.wire_dtype != "fp32" and sampled:  # one encoded record for every message; replies are checked against what nodes received
+        if self.wire_dtype == "bf16" and sampled:  # one encoded record for every message; replies are checked against what nodes received
             wire = P.to_wire(sampled[0].content[P.ARRAYS].to_torch_state_dict(), self.wire_dtype)
-            arrays = ArrayRecord(P.from_wire(wire, self.wire_dtype, torch.float32))
+            arrays = ArrayRecord(P.from_wire(wire, torch.float32))
             for message in sampled:
                 message.content = RecordDict({**message.content, P.ARRAYS: wire})
         self.sent_arrays = arrays
@@ -377,8 +377,8 @@ class OffsiteStrategy(Strategy):
     def _check(self, reply: Message) -> tuple[str | None, float | None]:
         """Decode the reply's wire dtype, expand a low-rank reply to dense adapters, then validate it."""
         content = reply.content
-        if self.wire_dtype != "fp32" and isinstance(content.get(P.ARRAYS), ArrayRecord):
-            content[P.ARRAYS] = ArrayRecord(P.from_wire(content[P.ARRAYS], self.wire_dtype, torch.float32))
+        if self.wire_dtype == "bf16" and isinstance(content.get(P.ARRAYS), ArrayRecord):
+            content[P.ARRAYS] = ArrayRecord(P.from_wire(content[P.ARRAYS], torch.float32))
         if isinstance(content.get(P.ARRAYS), ArrayRecord) and P.is_low_rank(content[P.ARRAYS]):
             try:
                 content[P.ARRAYS] = expand_low_rank(self.sent_arrays, content[P.ARRAYS])

@@ -62,11 +62,45 @@ def test_wire_round_trip_is_exact_in_bf16_and_untouched_in_fp32():
     tensors = {"w": torch.randn(3, 4), "i": torch.arange(3)}
     wired = P.to_wire(tensors, "bf16")
     assert wired["w"].dtype == "uint16" and wired.count_bytes() < P.to_wire(tensors, "fp32").count_bytes()
-    back = P.from_wire(wired, "bf16")
+    back = P.from_wire(wired)
     assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], tensors["w"].to(torch.bfloat16)) and torch.equal(back["i"], tensors["i"])
-    assert torch.equal(P.from_wire(P.to_wire(tensors, "fp32"), "fp32")["w"], tensors["w"])
-    with pytest.raises(ConfigError, match="wire-dtype 'fp32'"):
+    assert torch.equal(P.from_wire(P.to_wire(tensors, "fp32"))["w"], tensors["w"])
+    assert torch.equal(P.from_wire(P.to_wire(tensors, "auto"))["w"], tensors["w"])  # auto sends adapters as they are
+    mixed = {"m": tensors["w"].to(torch.bfloat16), "n": tensors["w"]}  # an auto emulator: bf16 matrices beside fp32 tensors
+    back = P.from_wire(P.to_wire(mixed, "fp32"))
+    assert back["m"].dtype == torch.bfloat16 and torch.equal(back["m"], mixed["m"]) and torch.equal(back["n"], mixed["n"])
+    with pytest.raises(ConfigError, match="wire-dtype 'auto' or 'fp32'"):
         parse_run_config({"dp-clipping-norm": 1.0, "wire-dtype": "bf16"})
+    assert parse_run_config({"dp-clipping-norm": 1.0, "wire-dtype": "auto"}).fed.wire_dtype == "auto"
+
+
+def test_layer_matrices_in_bf16_change_nothing_a_bf16_pass_computes(tokenizer):
+    """The ``auto`` wire's claim: rounding the decoder layers' matrices (kept layers and frozen
+    copies) to bf16 leaves a bf16 evaluation of the emulator bit for bit the same; rounding the
+    embedding too does not (the control that shows the comparison can tell)."""
+    from fed_crash.core.emulator import adapter_state, assemble, emulator_state, layer_matrix_keys
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=6)
+    spec = make_spec("uniform", 6, bottom=1, top=1, keep=2, share=True)
+    weights = emulator_state(model, spec)
+    matrices = layer_matrix_keys(model, weights)
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    layers = {".".join(k.split(".")[:3]) for k in weights if k.startswith("model.layers.")}
+    layers |= {".".join(k.split(".")[:2]) for k in weights if k.startswith("frozen_copy.")}
+    assert matrices == {f"{layer}.{name}.weight" for layer in layers for name in names}  # 7 per layer, every kept layer and frozen copy
+    assert not any("norm" in k or "embed" in k for k in matrices)
+    adapters = adapter_state(model, spec)
+    examples = tokenize(ROWS * 2, tokenizer, max_length=256, template="alpaca")
+
+    def loss(rounded: set[str]) -> float:
+        state = {k: v.to(torch.bfloat16).float() if k in rounded else v.clone() for k, v in weights.items()}
+        emulator = assemble(model.config, {**state, **{k: v.clone() for k, v in adapters.items()}}, spec)
+        return evaluate(emulator.model, examples, pad_id(tokenizer), progress=False, dtype=torch.bfloat16)["loss"]
+
+    exact = loss(set())
+    assert loss(matrices) == exact
+    assert loss(matrices | {"model.embed_tokens.weight"}) != exact
 
 
 @pytest.fixture
@@ -76,13 +110,13 @@ def run_files(tmp_path, tokenizer):
     return write_run_files(tmp_path / "files", tokenizer, copies=2)
 
 
-def _run(run_files, tmp_path, name: str, wire: str) -> list[dict]:
+def _run(run_files, tmp_path, name: str, wire: str, compute: str = "auto") -> list[dict]:
     from alpaca.server_app import main
 
     config = {"model": str(run_files / "model"), "data": str(run_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
               "run-name": name, "eval-examples": 8, "max-length": 256, "num-server-rounds": 2, "min-available-nodes": 2,
               "max-client-examples": 8, "emulator.keep": 2, "emulator.share": False, "train.steps": 2, "save-model": False,
-              "wire-dtype": wire}
+              "wire-dtype": wire, "compute-dtype": compute}
     main(LocalGrid(2, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     return [json.loads(line) for line in (tmp_path / "results" / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -102,6 +136,35 @@ def test_a_run_with_bf16_on_the_wire_sends_half_the_bytes_and_trains(run_files, 
     assert stored and all({t.dtype for t in load_file(p).values()} <= {torch.bfloat16, torch.float32} for p in stored)
     adapters = load_file(tmp_path / "results" / "bf16" / "adapters" / "final.safetensors")
     assert {t.dtype for t in adapters.values()} == {torch.float32}  # the server aggregates and plugs in fp32
+
+
+def test_the_auto_wire_sends_bf16_layer_matrices_under_bf16_compute_and_changes_no_result(run_files, tmp_path, monkeypatch, server_identity):
+    """``wire-dtype = "auto"`` under bf16 compute: the emulator's layer matrices travel and are
+    stored in bf16, the rest and the adapters in fp32, and every loss of the run (clients'
+    training, plug-in, emulator) is exactly that of the fp32 wire; under fp32 compute it is the
+    fp32 wire."""
+    from fed_crash.core.emulator import layer_matrix_keys
+    from fed_crash.core.models import load_model
+
+    monkeypatch.setenv("FED_CRASH_NODE_CACHE", str(tmp_path / "nodes"))
+    fp32, auto = _run(run_files, tmp_path, "fp32", "fp32", "bf16"), _run(run_files, tmp_path, "auto", "auto", "bf16")
+    assert not any(line["failures"] for line in auto) and [len(line["clients"]) for line in auto] == [0, 2, 2]
+    assert [line["server"] for line in auto] == [line["server"] for line in fp32]  # bit for bit: plug-in and emulator losses
+    def train_losses(lines):
+        return [sorted(c["train-loss"] for c in line["clients"]) for line in lines]
+
+    assert train_losses(auto) == train_losses(fp32)  # each client's training too
+    folder = tmp_path / "results" / "auto" / "emulator"
+    weights, manifest = load_file(folder / "emulator.safetensors"), json.loads((folder / "emulator.json").read_text())
+    matrices = layer_matrix_keys(load_model(str(run_files / "model")).model, weights)
+    assert manifest["weights_dtype"] == "bf16-matrices" and matrices
+    assert {k for k, v in weights.items() if v.dtype == torch.bfloat16} == matrices
+    longer_manifest = len((folder / "emulator.json").read_bytes()) - len((tmp_path / "results" / "fp32" / "emulator" / "emulator.json").read_bytes())
+    saved = sum(2 * weights[k].numel() for k in matrices) - longer_manifest  # 2 bytes of 4 per matrix value; "bf16-matrices" is not "fp32"
+    assert fp32[1]["emulator_bytes_down"] - auto[1]["emulator_bytes_down"] == 2 * saved  # to each of two nodes
+    assert auto[1]["bytes_up"] == fp32[1]["bytes_up"]  # the adapters travel in fp32 both ways
+    _run(run_files, tmp_path, "auto-fp32", "auto", "fp32")
+    assert json.loads((tmp_path / "results" / "auto-fp32" / "emulator" / "emulator.json").read_text())["weights_dtype"] == "fp32"
 
 
 def test_round_0_is_evaluated_after_round_1_train_messages_left_and_cached_for_the_next_run(run_files, tmp_path, monkeypatch, server_identity,

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from fed_crash.core.emulator import CEILING, FULL_LORA, Emulator, EmulatorSpec, adapter_state, assemble, emulator_state
+from fed_crash.core.emulator import CEILING, FULL_LORA, Emulator, EmulatorSpec, adapter_state, assemble, emulator_state, layer_matrix_keys
 from fed_crash.core.lora import is_lora_key
 from fed_crash.core.models import layer_path, resolve_device, state_hash
 from fed_crash.errors import FedCrashError
@@ -110,6 +110,19 @@ def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path} is not a readable safetensors file ({err})") from None
 
 
+def wire_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor], weights_dtype: str,
+                 compute_dtype: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``(weights as stored, what was stored)`` for :func:`save_emulator`'s ``weights_dtype``."""
+    if weights_dtype == "bf16":
+        rounded = {k for k, v in weights.items() if v.is_floating_point()}
+    elif weights_dtype == "auto" and compute_dtype == "bf16":
+        rounded = layer_matrix_keys(model, weights)
+    else:
+        return weights, "fp32"
+    stored = "bf16" if weights_dtype == "bf16" else "bf16-matrices"
+    return {k: v.to(torch.bfloat16) if k in rounded else v for k, v in weights.items()}, stored
+
+
 def save_emulator(
     out_dir: str | Path,
     model: PreTrainedModel,
@@ -130,14 +143,17 @@ def save_emulator(
     ``model`` now holds other adapters (a re-aligned emulator is written with the round's
     adapters plugged in; its source is still the owner's model, which reports and resumed runs
     check it against); else ``model``'s own.
-    ``weights_dtype`` ``bf16`` stores the frozen weights rounded to bf16 (half the bytes to send;
-    the adapters file stays in the model's dtype); ``compute_dtype`` records the dtype the
-    server's CKA or search ran in."""
+    ``weights_dtype`` (run-config ``wire-dtype``): ``bf16`` stores every frozen weight rounded to
+    bf16 (half the bytes to send); ``auto`` rounds only the decoder layers' matrices, and only
+    when ``compute_dtype`` is bf16, where every pass multiplies them in bf16 anyway
+    (:func:`~fed_crash.core.emulator.layer_matrix_keys`): fewer bytes, the same results; ``fp32``
+    keeps them as they are. The adapters file stays in the model's dtype. The manifest's
+    ``weights_dtype`` says what was stored: ``fp32``, ``bf16`` or ``bf16-matrices``.
+    ``compute_dtype`` records the dtype the server's CKA or search ran in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = emulator_state(model, spec) if weights is None else weights
-    if weights_dtype == "bf16":
-        weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
+    weights, stored = wire_weights(model, weights, weights_dtype, compute_dtype)
     save_tensors(out / WEIGHTS, weights)
     save_tensors(out / ADAPTERS, adapter_state(model, spec), {"spec": spec.to_dict(), "source_id": source_id})
     model.config.save_pretrained(out)
@@ -151,7 +167,7 @@ def save_emulator(
         "source": {"model_id": source_id, "sha256": source_sha256 or state_hash(model.state_dict())},
         # Content hash of the emulator's tensors: checked on arrival, whatever the serialisation.
         "weights_sha256": state_hash(weights),
-        "weights_dtype": weights_dtype,
+        "weights_dtype": stored,
         "compute_dtype": compute_dtype,
         "clusters": [list(c) for c in spec.clusters],
         "similarity": similarity.tolist() if similarity is not None else None,

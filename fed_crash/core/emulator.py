@@ -193,6 +193,23 @@ def emulator_state(model: PreTrainedModel, spec: EmulatorSpec) -> dict[str, torc
     return out
 
 
+def layer_matrix_keys(model: PreTrainedModel, keys) -> set[str]:
+    """The keys among ``keys`` (an :func:`emulator_state` layout: a layer's tensors under its
+    index or under ``frozen_copy.<i>``) that are the weight of a decoder layer's ``nn.Linear``:
+    the tensors bf16 compute multiplies in bf16 (:func:`fed_crash.core.precision.linear_weights_in`),
+    so storing them rounded to bf16 changes nothing a bf16 pass computes. Embeddings and norms,
+    which start and scale the fp32 residual stream, are not among them."""
+    layer = get_layers(model)[0]
+    matrices = {f"{name}.weight" for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    prefix = layer_path(model)
+    found = set()
+    for key in keys:
+        split = (_split_key(key, FROZEN_PREFIX) if key.startswith(FROZEN_PREFIX + ".") else _split_key(key, prefix))
+        if split is not None and split[1] in matrices:
+            found.add(key)
+    return found
+
+
 def emulator_weights(emulator: "Emulator") -> dict[str, torch.Tensor]:
     """An assembled emulator's own non-adapter weights under the keys :func:`emulator_state`
     writes (the inverse of :func:`assemble`), so an emulator changed after the cut (FedBiOT's

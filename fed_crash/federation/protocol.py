@@ -196,9 +196,10 @@ def read_partition_reply(content: RecordDict) -> tuple[int, int]:
 
 
 def to_wire(tensors: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
-    """An ArrayRecord of ``tensors``: as they are in ``fp32`` (bf16 ones too, as bit patterns);
-    in ``bf16`` every floating tensor rounded to bf16. bf16 tensors travel as their uint16 bit
-    patterns, which :func:`from_wire` turns back into the same bf16 values."""
+    """An ArrayRecord of ``tensors``: in ``bf16`` every floating tensor rounded to bf16; in
+    ``fp32`` and ``auto`` (which rounds only the emulator's matrices, when it is written) as
+    they are. bf16 tensors travel as their uint16 bit patterns, which :func:`from_wire` turns
+    back into the same bf16 values."""
     def encode(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().to("cpu")
         if wire_dtype == "bf16" and tensor.is_floating_point():
@@ -208,13 +209,13 @@ def to_wire(tensors: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
     return ArrayRecord({key: encode(tensor) for key, tensor in tensors.items()})
 
 
-def from_wire(record: ArrayRecord, wire_dtype: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a record :func:`to_wire` made: in ``bf16`` uint16 arrays are bf16 bit
-    patterns (no model tensor is uint16); ``dtype``: floating tensors cast to it (adapters:
-    fp32), else kept as they travelled (the emulator: its content hash is of the bf16 values)."""
+def from_wire(record: ArrayRecord, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a record :func:`to_wire` made: uint16 arrays are bf16 bit patterns (no
+    model tensor is uint16), whatever the wire dtype; ``dtype``: floating tensors cast to it
+    (adapters: fp32), else kept as they travelled (the emulator: its content hash is of the
+    values stored)."""
     tensors = record.to_torch_state_dict()
-    if wire_dtype == "bf16":
-        tensors = {k: v.view(torch.bfloat16) if v.dtype == torch.uint16 else v for k, v in tensors.items()}
+    tensors = {k: v.view(torch.bfloat16) if v.dtype == torch.uint16 else v for k, v in tensors.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return tensors
@@ -267,7 +268,7 @@ def read_emulator_request(content: RecordDict) -> tuple[dict, dict[str, bytes], 
     if MANIFEST not in files:
         raise ProtocolError(f"emulator request: no {MANIFEST} among the files {sorted(files)}")
     manifest = parse_manifest(files[MANIFEST], "received emulator manifest")
-    weights = from_wire(content[EMULATOR_WEIGHTS], manifest.get("weights_dtype", "fp32"))
+    weights = from_wire(content[EMULATOR_WEIGHTS])
     weights_sha256 = state_hash(weights)
     if weights_sha256 != manifest["weights_sha256"]:
         raise ProtocolError(f"the emulator received does not match its manifest's weights_sha256 {manifest['weights_sha256'][:16]} "
@@ -315,7 +316,7 @@ def read_train_request(content: RecordDict) -> TrainRequest:
     norm, wire = config.get(CLIPPING_NORM), config.get(WIRE_DTYPE, "fp32")
     if wire not in WIRE_DTYPES:
         raise ProtocolError(f"train message: {WIRE_DTYPE!r} must be one of {list(WIRE_DTYPES)}, got {wire!r}")
-    return TrainRequest(from_wire(content[ARRAYS], wire, torch.float32), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]),
+    return TrainRequest(from_wire(content[ARRAYS], torch.float32), int(config[SERVER_ROUND]), str(config[EMULATOR_SHA256]),
                         str(config.get(SHARD_SHA256, "")), float(config.get(PROXIMAL_MU, 0.0)), float(norm) if norm is not None else None, wire)
 
 

@@ -231,10 +231,10 @@ def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPaylo
     if Path(source).expanduser().is_absolute() or source.startswith("."):  # a path on the server, not a hub name
         manifest["source"]["model_id"] = Path(source).name
     files[MANIFEST] = json.dumps(manifest, indent=1).encode()
-    weights = load_file(str(folder / WEIGHTS))  # in the run's wire dtype (write_run)
+    weights = load_file(str(folder / WEIGHTS))  # as stored for the run's wire dtype (write_run): they travel so
     check_private(weights, files, model, spec)
     # the tensors' hash is the manifest's (save_emulator computed it; every node checks it on arrival)
-    return P.EmulatorPayload(P.to_wire(weights, manifest.get("weights_dtype", "fp32")), ConfigRecord(files),
+    return P.EmulatorPayload(P.to_wire(weights, "fp32"), ConfigRecord(files),
                              P.payload_sha256(manifest["weights_sha256"], files))
 
 
