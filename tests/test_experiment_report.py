@@ -76,15 +76,19 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     rows = json.loads((exp.folder / "tasks.json").read_text())["rows"]
     assert [(r["cell"], r["task"], r["n"]) for r in rows] == [(c.name, "quiz", 12) for c in exp.cells]
 
-    def correct(cell: str, model: str) -> list[int]:
+    def correct(cell: str, model: str, metric: str = "acc") -> list[int]:
         folder = exp.folder / ("uniform_0" if model == "full_zero_shot" else cell) / "report"  # the first cell scored the full model once
-        return [json.loads(line)["correct"]["acc"] for line in (folder / f"samples-{model}-quiz.jsonl").read_text().splitlines()]
+        return [json.loads(line)["correct"][metric] for line in (folder / f"samples-{model}-quiz.jsonl").read_text().splitlines()]
 
     for row in rows:
         zero_shot, plug_in = correct(row["cell"], "full_zero_shot"), correct(row["cell"], "plug_in")
         assert row["gain"] == paired_bootstrap(plug_in, zero_shot)
         ceiling = None if row["cell"].startswith("full") else correct("full_" + row["cell"][-1], "plug_in")  # uniform_<seed>'s is full_<seed>
         assert row["correct"] == {"plug_in": plug_in, "zero_shot": zero_shot, **({"ceiling": ceiling} if ceiling else {})}
+        for model in ("full_zero_shot", "plug_in"):  # acc_norm beside acc, from the per-question records
+            assert row["acc_norm"][model][0] == pytest.approx(sum(correct(row["cell"], model, "acc_norm")) / 12)
+        if ceiling:
+            assert row["acc_norm"]["ceiling"][0] == pytest.approx(sum(correct("full_" + row["cell"][-1], "plug_in", "acc_norm")) / 12)
         assert row["mb_per_client"] == pytest.approx((2 * 4e6 + 2 * 2e6) / 2 / 1e6) and row["peak_rss_mib"] == 101.0
         if row["cell"].startswith("full"):
             assert "ceiling" not in row and "retention" not in row
@@ -93,6 +97,9 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
             assert json.dumps(row["retention"]) == json.dumps(gain_retention(plug_in, zero_shot, ceiling))
     text = (exp.folder / "tasks.md").read_text()
     assert "| uniform_0 | quiz | 12 |" in text and (exp.folder / "frontier.png").stat().st_size > 0
+    uniform_0 = next(r for r in rows if r["cell"] == "uniform_0")
+    pct = "{:.1f} ± {:.1f}".format
+    assert f"| {pct(100 * uniform_0['plug_in'][0], 100 * uniform_0['plug_in'][1])} / {pct(*(100 * v for v in uniform_0['acc_norm']['plug_in']))} |" in text
     assert "| uniform | quiz | 2 |" in text and "| full | quiz | 2 |" in text  # the seeds table: two repeats each
     seeds = {s["configuration"]: s for s in json.loads((exp.folder / "tasks.json").read_text())["seeds"]}
     for method in ("uniform", "full"):  # recomputed from the per-question records of both seeds

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 REPORT = "report"  # <cell>/report/: report.json, report.md, samples-<model>-<task>.jsonl
 SEED_KEYS = ("seed", "train.seed")  # cells that differ only here are repeats of one configuration
-METRIC = "acc"  # the summary's accuracy; report.json holds acc_norm and acc_bytes as well
+METRIC = "acc"  # the summary's accuracy, the one its intervals and retention are of
+ALSO = "acc_norm"  # shown beside it with its stderr (lm-eval's length-normalised accuracy); report.json holds acc_bytes as well
 
 
 def task_sources(eval_tasks: str) -> list[str]:
@@ -126,7 +127,8 @@ def traffic(history: list[dict]) -> tuple[float, float]:
 
 
 def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict]:
-    """One row per cell and task: the five accuracies (with lm-eval's stderr), the plug-in's gain
+    """One row per cell and task: the five accuracies (with lm-eval's stderr; ``acc_norm``: the
+    same models' :data:`ALSO`), the plug-in's gain
     over zero-shot and its share of the ceiling's gain (paired, with 95% intervals), MB per
     client and peak memory, and the per-question correctness behind them (``correct``), so that
     ``tasks.json`` alone allows other paired analyses."""
@@ -141,10 +143,13 @@ def task_rows(experiment, finished: list, reports: dict[str, dict]) -> list[dict
             zero_shot, plug_in = (correct_answers(experiment.folder / cell.name / REPORT, report, m, task) for m in ("full_zero_shot", "plug_in"))
             row = {"cell": cell.name, "task": task, "n": len(plug_in), "mb_per_client": mb, "peak_rss_mib": peak,
                    **{m: (s[METRIC], s[f"{METRIC}_stderr"]) for m, s in scores.items()},
-                   "gain": paired_bootstrap(plug_in, zero_shot), "correct": {"plug_in": plug_in, "zero_shot": zero_shot}}
+                   "gain": paired_bootstrap(plug_in, zero_shot), "correct": {"plug_in": plug_in, "zero_shot": zero_shot},
+                   ALSO: {m: (s[ALSO], s[f"{ALSO}_stderr"]) for m, s in scores.items()}}
             if ceiling and ceiling in reports:
                 top = correct_answers(experiment.folder / ceiling / REPORT, reports[ceiling], "plug_in", task)
-                row["ceiling"] = (sum(top) / len(top), reports[ceiling]["models"]["plug_in"]["tasks"][task][f"{METRIC}_stderr"])
+                top_scores = reports[ceiling]["models"]["plug_in"]["tasks"][task]
+                row["ceiling"] = (sum(top) / len(top), top_scores[f"{METRIC}_stderr"])
+                row[ALSO]["ceiling"] = (top_scores[ALSO], top_scores[f"{ALSO}_stderr"])
                 row["retention"] = gain_retention(plug_in, zero_shot, top)
                 row["correct"]["ceiling"] = top
             rows.append(row)
@@ -167,12 +172,21 @@ def kept_text(retention: dict | None) -> str:
 
 
 def tasks_table(rows: list[dict]) -> str:
+    """The summary table: each accuracy as acc / acc_norm with lm-eval's stderr (rows kept before
+    acc_norm was, in older ``tasks.json`` files, show acc alone)."""
     head = ["cell", "task", "n", "full zero-shot", "emulator zero-shot", "emulator fine-tuned", "plug-in", "ceiling",
             "plug-in - zero-shot (points)", "gain retained", "MB per client", "client peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def both(r: dict, model: str) -> str:
+        if model not in r:
+            return "-"
+        also = r.get(ALSO, {}).get(model)
+        return _pct(r[model]) + (f" / {_pct(also)}" if also else "")
+
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['task']} | {r['n']} | {_pct(r['full_zero_shot'])} | {_pct(r['emulator_zero_shot'])} | "
-                     f"{_pct(r['emulator_fine_tuned'])} | {_pct(r['plug_in'])} | {_pct(r['ceiling']) if 'ceiling' in r else '-'} | "
+        models = " | ".join(both(r, m) for m in ("full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in", "ceiling"))
+        lines.append(f"| {r['cell']} | {r['task']} | {r['n']} | {models} | "
                      f"{interval_text(r['gain'])} | {kept_text(r.get('retention'))} | {r['mb_per_client']:.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
@@ -264,8 +278,8 @@ def write_tasks_summary(experiment, finished: list, reports: dict[str, dict]) ->
     plot_frontier(rows, folder / "frontier.png")
     n = sorted({r["n"] for r in rows})
     text = [f"# {experiment.config.name}: multiple-choice tasks", "",
-            f"{METRIC} in percent ± lm-eval's stderr, on the first {', '.join(map(str, n))} questions of each task; differences and "
-            "gain retention with paired bootstrap 95% intervals over the same questions (10,000 resamples). Ceiling: the plug-in "
+            f"{METRIC} / {ALSO} in percent ± lm-eval's stderr, on the first {', '.join(map(str, n))} questions of each task; differences and "
+            f"gain retention (of {METRIC}) with paired bootstrap 95% intervals over the same questions (10,000 resamples). Ceiling: the plug-in "
             f"of the cell with emulator method '{CEILING}' and otherwise the same run config. One run per cell unless the seeds table says otherwise.",
             "", tasks_table(rows)]
     if summaries:
