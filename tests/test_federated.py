@@ -221,6 +221,45 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
     assert sorted(tmp_path.joinpath("results").rglob("*")) == written  # a failed start writes nothing
 
 
+def test_sigterm_to_fed_crash_simulate_stops_everything_it_started(fl_files, tmp_path):
+    """``kill <pid>`` of a ``fed-crash simulate`` mid-run (a scheduler's stop, a shell's
+    ``kill %1``) ends it as Ctrl-C would: the SuperLink, the simulation with its ServerApp and the
+    Ray processes are stopped, the run's node cache is removed, and the exit status says SIGTERM
+    (without the handler Python died at once and left all of them running)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from fed_crash.tools.launch import _descendants, _pids_with, _running
+
+    home = tmp_path / "home"
+    config = {"model": str(fl_files / "model"), "data": str(fl_files / "rows.jsonl"), "results-dir": str(tmp_path / "results"),
+              "run-name": "t", "eval-examples": 8, "max-length": 256, "num-server-rounds": 50, "min-available-nodes": 2,
+              "max-client-examples": 8, "emulator.keep": 2, "train.steps": 2}
+    env = {**os.environ}
+    env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port := free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(port + 2))
+    proc = subprocess.Popen([sys.executable, "-m", "fed_crash.tools.cli", "simulate", "--flwr-home", str(home), "--num-supernodes", "2",
+                             "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items())],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline and not any("train messages sent to" in line for line in seen[-1:]):  # mid-run: Ray and the clients up
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+    assert proc.poll() is None, "".join(seen[-50:])
+    superlink = _pids_with(f"{home}/local-superlink/")
+    started = superlink + _descendants(superlink) + _descendants([proc.pid])
+    assert superlink and any("flwr-simulation" in (Path("/proc") / str(p) / "cmdline").read_text(errors="replace") for p in started if _running(p))
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    left = [p for p in started if _running(p)]
+    assert not left, [(Path("/proc") / str(p) / "cmdline").read_text(errors="replace") for p in left]
+    assert not list((home / "nodes").glob("run-*"))  # the run's own node cache is gone
+
+
 @pytest.mark.slow
 def test_a_ray_head_stops_only_its_own_cluster():
     """Two heads at once (two experiments, or a test beside an experiment): leaving the inner

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,8 +172,8 @@ def _run_commands(sub) -> None:
     experiment.add_argument("config", help="experiment file, e.g. configs/compare_strategies.toml")
     experiment.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a base run-config key for every cell, TOML value: --set model='path/to/model' --set train.steps=2 (repeatable)")
-    experiment.add_argument("--cells", nargs="+", default=[], metavar="PATTERN",
-                            help="run only the cells whose names match one of these shell patterns ('search_*'); the summary covers every finished cell")
+    experiment.add_argument("--cells", nargs="+", action="extend", default=[], metavar="PATTERN",
+                            help="run only the cells whose names match one of these shell patterns ('search_*'; repeatable: every pattern counts); the summary covers every finished cell")
     experiment.add_argument("--flwr-home", default=".flwr", help="FLWR_HOME for the runs' SuperLinks; node caches live in its nodes/ during a cell (default: .flwr)")
 
 
@@ -499,7 +501,16 @@ COMMANDS = {"paired": cmd_paired, "prune": cmd_prune, "shards": cmd_shards, "tun
             "report": cmd_report, "landscape": cmd_landscape, "experiment": cmd_experiment}
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM as Ctrl-C is: unwind, so that every ``finally`` stops what the command started
+    (a SuperLink, its simulation and Ray processes, a Ray head); Python's default dies at once and
+    leaves them running."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler (tests call main elsewhere too)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
