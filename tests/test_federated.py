@@ -205,8 +205,9 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
     central = load_file(fl_files / "model" / "model.safetensors")
     spec = json.loads((run_dir / "emulator/emulator.json").read_text())["spec"]
     removed = [i for i in range(2, 6) if i not in spec["kept"]]
-    digest = lambda t: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()  # noqa: E731
-    removed_hashes = {digest(v) for k, v in central.items() if v.dim() == 2 and int(k.split(".")[2] if k.startswith("model.layers.") else -1) in removed}
+    digest = lambda t: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()  # noqa: E731  (bf16 too)
+    removed_matrices = [v for k, v in central.items() if v.dim() == 2 and int(k.split(".")[2] if k.startswith("model.layers.") else -1) in removed]
+    removed_hashes = {digest(v.to(dtype)) for v in removed_matrices for dtype in (torch.float32, torch.bfloat16)}  # the auto wire sends bf16 matrices
     received = list((tmp_path / "home" / "nodes").glob("node-*/*/emulator.safetensors"))
     assert len(received) == len(sampled[0] | sampled[1])  # one cached emulator per node sampled, under the run home
     for path in received:
@@ -230,6 +231,7 @@ def test_sigterm_to_fed_crash_simulate_stops_everything_it_started(fl_files, tmp
     import signal
     import subprocess
     import time
+    from pathlib import Path
 
     from fed_crash.tools.launch import _descendants, _pids_with, _running
 

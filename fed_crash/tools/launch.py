@@ -144,7 +144,7 @@ def flwr_run(
                             f"client-resources-num-gpus={gpus_per_client}")
     if "RAY_ADDRESS" not in full_env:
         clear_stale_ray_cluster()
-    result = None
+    result, proc = None, None
     try:
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, run_id, killed = _follow(proc, flwr_home=flwr_home, timeout=timeout, echo=echo, kill_when=kill_when)
@@ -153,6 +153,9 @@ def flwr_run(
         result = FlowerRun(returncode, run_id, status, details, "".join(lines))
         return result
     finally:  # a SuperLink is kept only after a run that ended by itself: one killed or timed out may have left its ServerApp running
+        if proc is not None and proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM): `flwr run --stream` would go on waiting
+            proc.kill()
+            proc.wait()
         if not keep_superlink or result is None or not result.status.startswith("finished"):
             stop_local_superlink(flwr_home)
 
