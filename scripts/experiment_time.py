@@ -4,9 +4,9 @@
 
     python scripts/experiment_time.py results/compare_strategies
 
-Client training counts the slower client of each round (the round waits for it). Round 0's
-evaluation runs while round 1's clients train, so its seconds are listed apart: they overlap
-client training. What no lap covers (starting and stopping ``flwr run``, the ServerApp process,
+Client training counts the slower client of each round (the round waits for it). An evaluation
+that ran beside the next round's training (``eval_beside_training``; before that key existed,
+round 0's only) is listed apart: its seconds overlap client training. What no lap covers (starting and stopping ``flwr run``, the ServerApp process,
 Ray and the client actors' start-up before the connect lap, saving the final model, teardown)
 is the remainder.
 """
@@ -17,10 +17,12 @@ import json
 import sys
 from pathlib import Path
 
+BESIDE = "server evaluation beside the next round's training (overlaps it)"
+
 
 def breakdown(folder: Path) -> dict[str, float]:
-    totals = dict.fromkeys(["client training (slower client per round)", "server evaluation, rounds 1+",
-                            "server evaluation, round 0 (overlaps round 1's training)", "emulator delivery",
+    totals = dict.fromkeys(["client training (slower client per round)", "server evaluation, in sequence",
+                            BESIDE, "emulator delivery",
                             "waiting for the client actors and their partitions (connect)", "model load, emulator plan and write",
                             "aggregation"], 0.0)
     wall, cells = 0.0, 0
@@ -32,13 +34,13 @@ def breakdown(folder: Path) -> dict[str, float]:
         totals["model load, emulator plan and write"] += setup["data"] + setup["model_load"] + setup["emulator_plan"] + setup["emulator_write"]
         totals["waiting for the client actors and their partitions (connect)"] += setup["connect"]
         for line in lines:
-            key = "server evaluation, round 0 (overlaps round 1's training)" if line["round"] == 0 else "server evaluation, rounds 1+"
+            key = BESIDE if line.get("eval_beside_training", line["round"] == 0) else "server evaluation, in sequence"
             totals[key] += line["eval_seconds"]
             totals["emulator delivery"] += line["emulator_seconds"]
             totals["aggregation"] += line["aggregate_seconds"]
             if line["clients"]:
                 totals["client training (slower client per round)"] += max(c["seconds"] for c in line["clients"])
-    counted = sum(v for k, v in totals.items() if "round 0" not in k)
+    counted = sum(v for k, v in totals.items() if k != BESIDE)
     return {"cells": cells, "wall": wall, **totals, "remainder (flwr run start and stop, actor start-up, final save, teardown)": wall - counted}
 
 

@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -59,25 +59,37 @@ class PartitionOrderedGrid:
         return getattr(self._grid, name)
 
 
-class WorkAfterFirstTrainPush:
-    """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: the first time
-    it is asked to send train messages, it pushes them, runs ``work`` (round 0's evaluation)
-    while the clients train, then pulls the replies as Flower's own ``send_and_receive`` does
-    (until all have come or ``timeout`` has passed since the push). Every other exchange (partition
-    queries, emulator deliveries) passes straight through."""
+class WorkAfterTrainPush:
+    """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: work handed to
+    :meth:`defer` (a round's evaluation) runs after the next train messages have been pushed,
+    while the clients train, and then the replies are pulled as Flower's own ``send_and_receive``
+    does (until all have come or ``timeout`` has passed since the push). Every other exchange
+    (partition queries, emulator deliveries) passes straight through. Work runs in the order
+    it was deferred, each piece once."""
 
-    def __init__(self, grid: Grid, work, pull_interval_s: float = 0.2) -> None:
-        self._grid, self._work, self._pull_interval_s = grid, work, pull_interval_s
+    def __init__(self, grid: Grid, pull_interval_s: float = 0.2) -> None:
+        self._grid, self._pull_interval_s = grid, pull_interval_s
+        self._pending: Callable[[], object] | None = None
+
+    def defer(self, work: Callable[[], object]) -> None:
+        """Run ``work`` beside the next round's training (anything still pending first)."""
+        self.flush()
+        self._pending = work
+
+    def flush(self) -> None:
+        """Run the pending work now, if any."""
+        work, self._pending = self._pending, None
+        if work is not None:
+            work()
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        if self._work is None or any(m.metadata.message_type != P.TRAIN for m in messages):
+        if self._pending is None or not messages or any(m.metadata.message_type != P.TRAIN for m in messages):
             return self._grid.send_and_receive(messages, timeout=timeout)
         pending = list(self._grid.push_messages(messages))
         end = time.time() + (timeout or 0.0)
-        log.info("train messages sent to %d nodes; round 0 is evaluated while they train", len(pending))
-        work, self._work = self._work, None
-        work()
+        log.info("train messages sent to %d nodes; the previous round is evaluated while they train", len(pending))
+        self.flush()
         return pull_replies(self._grid, pending, None if timeout is None else end - time.time(), self._pull_interval_s)
 
     def __getattr__(self, name: str):
@@ -216,17 +228,33 @@ class OffsiteStrategy(Strategy):
         self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every train message sent
         self.sent_arrays = ArrayRecord()  # this round's adapters: replies are checked against them, low-rank ones expanded from them
 
-    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, evaluate_fn=None, evaluate_round_0_while_training: bool = False, **kwargs):
-        """Flower's round loop. With ``evaluate_round_0_while_training``, round 0's evaluation (of
-        the starting adapters, which nothing sent depends on) runs after round 1's train messages
-        have left instead of before them (:class:`WorkAfterFirstTrainPush`), so clients start
-        training at once; its metrics line is still the first one. Off when round 0's evaluation
-        changes what clients get (FedBiOT re-aligns the emulator there)."""
-        if evaluate_fn is None or not evaluate_round_0_while_training:
-            return super().start(grid=grid, initial_arrays=initial_arrays, evaluate_fn=evaluate_fn, **kwargs)
-        overlapped = WorkAfterFirstTrainPush(grid, lambda: evaluate_fn(0, initial_arrays))
-        return super().start(grid=overlapped, initial_arrays=initial_arrays,  # type: ignore[arg-type]
-                             evaluate_fn=lambda rnd, arrays: None if rnd == 0 else evaluate_fn(rnd, arrays), **kwargs)
+    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, evaluate_fn=None,
+              evaluate_while_training: bool = False, **kwargs):
+        """Flower's round loop. With ``evaluate_while_training``, each round's evaluation but the
+        last runs after the next round's train messages have left, not before them
+        (:class:`WorkAfterTrainPush`): the clients train on the aggregate, which the evaluation
+        only reads, so on a machine the server and clients share, neither waits for the other.
+        The metrics lines keep their order; a round's line and checkpoint are written during the
+        next round. Off when an evaluation changes what the next round's clients get (FedBiOT
+        re-aligns the emulator after it). If the loop fails (nodes gone), the evaluation still
+        pending is run first, so its round's checkpoint is not lost."""
+        if evaluate_fn is None or not evaluate_while_training:
+            return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, evaluate_fn=evaluate_fn, **kwargs)
+        overlapped = WorkAfterTrainPush(grid)
+
+        def evaluate_later(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == num_rounds:  # nothing trains after the last round
+                overlapped.flush()
+                return evaluate_fn(flower_round, arrays)
+            overlapped.defer(lambda: evaluate_fn(flower_round, arrays))
+            return None  # the metrics line is written by evaluate_fn itself, beside the next round
+
+        try:
+            return super().start(grid=overlapped, initial_arrays=initial_arrays, num_rounds=num_rounds,  # type: ignore[arg-type]
+                                 evaluate_fn=evaluate_later, **kwargs)
+        except Exception:
+            overlapped.flush()
+            raise
 
     def set_emulator(self, emulator: P.EmulatorPayload) -> None:
         """The emulator nodes train on; a new one (FedBiOT alignment) reaches every node before its next round."""

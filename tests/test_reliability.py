@@ -287,6 +287,65 @@ def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp
     assert [line["round"] for line in metrics(resumed)] == [0, 1, 2, 3, 4, 5]
 
 
+class EvaluationsAtTrainPush(LocalGrid):
+    """A LocalGrid that notes, whenever train messages are pushed, how many rounds the server
+    has evaluated by then (lines in the run's metrics.jsonl)."""
+
+    def __init__(self, nodes: int, metrics_file: Path, run_config: dict) -> None:
+        super().__init__(nodes, run_config=run_config)
+        self.metrics_file, self.evaluated = metrics_file, []
+
+    def push_messages(self, messages) -> list[str]:
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == P.TRAIN:
+            self.evaluated.append(len(self.metrics_file.read_text().splitlines()) if self.metrics_file.exists() else 0)
+        return super().push_messages(messages)
+
+
+def test_each_round_is_evaluated_while_the_next_one_trains_and_scores_the_same(files, tmp_path):
+    """evaluate-while-training (the default): round r is evaluated (its metrics line written)
+    only after round r+1's train messages have gone out, the last round after it; off, before
+    them, as in Flower's own loop. Every score is the same either way."""
+    runs = {}
+    for beside in (True, False):
+        config = local_config(files, tmp_path / str(beside), **{"num-server-rounds": 3, "evaluate-while-training": beside})
+        run_dir = Path(config["results-dir"]) / config["run-name"]
+        grid = EvaluationsAtTrainPush(2, run_dir / "metrics.jsonl", config)
+        serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        runs[beside] = grid.evaluated, metrics(run_dir)
+    assert runs[True][0] == [0, 1, 2] and runs[False][0] == [1, 2, 3]
+    assert [(line["round"], line["eval_beside_training"]) for line in runs[True][1]] == [(0, True), (1, True), (2, True), (3, False)]
+    assert [(line["round"], line["eval_beside_training"]) for line in runs[False][1]] == [(0, False), (1, False), (2, False), (3, False)]
+    assert [line["server"] for line in runs[True][1]] == [line["server"] for line in runs[False][1]]
+
+
+class NodesGoneAfterFirstTrainPush(LocalGrid):
+    """A LocalGrid whose nodes all disconnect once they have answered round 1."""
+
+    gone = False
+
+    def get_node_ids(self) -> list[int]:
+        return [] if self.gone else self.nodes
+
+    def push_messages(self, messages) -> list[str]:
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        self.gone = self.gone or any(m.metadata.message_type == P.TRAIN for m in messages)
+        return ids
+
+
+def test_a_round_evaluated_beside_the_next_one_keeps_its_checkpoint_when_that_one_fails(files, tmp_path):
+    """Round 1's evaluation waits for round 2's train messages, which never leave: every node is
+    gone, and the run fails after node-timeout. Round 1 is still evaluated and checkpointed
+    before the error, so resume=true continues after it."""
+    config = local_config(files, tmp_path / "results", **{"num-server-rounds": 3, "node-timeout": 1.0})
+    with pytest.raises(FedCrashError, match="round 2: 0 admitted node"):
+        serve(NodesGoneAfterFirstTrainPush(2, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    run_dir = Path(config["results-dir"]) / config["run-name"]
+    assert [line["round"] for line in metrics(run_dir)] == [0, 1]
+    assert json.loads((run_dir / CHECKPOINT).read_text())["round"] == 1
+
+
 def test_prune_empties_node_caches_and_a_broken_middle_metrics_line_is_an_error(tmp_path):
     from fed_crash.federation.checkpoint import resumed_history
     from fed_crash.federation.prune import prune_node_caches

@@ -221,6 +221,13 @@ def robust_sample_problem(fed: FederationConfig, nodes: int) -> str | None:
     return None
 
 
+def evaluates_while_training(fed: FederationConfig) -> bool:
+    """Whether a round's evaluation runs beside the next round's training
+    (:meth:`strategies.OffsiteStrategy.start`): asked for, and no FedBiOT alignment, which
+    changes the emulator the next round trains on once the evaluation is done."""
+    return fed.evaluate_while_training and fed.fedbiot_align_steps == 0
+
+
 def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPayload:
     """The emulator message's content, checked by :func:`fed_crash.core.artifacts.check_private`
     before it may leave the server (no removed layer, no adapter, no checkpoint file). The
@@ -378,7 +385,8 @@ class RoundEvaluator:
         aligned = self.realign(server_round) if self.cfg.fed.fedbiot_align_steps > 0 and server_round < self.cfg.fed.num_server_rounds else None
         traffic = self.strategy.rounds.get(server_round, P.RoundTraffic())  # round 0: nothing sent yet
         elapsed = time.perf_counter() - self.start + (self.run.checkpoint.elapsed_seconds if self.run.checkpoint else 0.0)
-        line = metrics_line(server_round, server, traffic, self.full_bytes, aligned, eval_seconds=time.perf_counter() - round_start,
+        beside = evaluates_while_training(self.cfg.fed) and server_round < self.cfg.fed.num_server_rounds
+        line = metrics_line(server_round, server, traffic, self.full_bytes, aligned, eval_seconds=time.perf_counter() - round_start, eval_beside_training=beside,
                             round_seconds=round_seconds, elapsed=elapsed, setup=self.run.laps.seconds if flower_round == (1 if self.run.checkpoint else 0) else None)
         self.history.append(line)
         with self.metrics_file.open("a") as handle:
@@ -390,9 +398,12 @@ class RoundEvaluator:
 
 
 def metrics_line(server_round: int, server: dict, traffic: P.RoundTraffic, full_bytes: int, aligned: dict | None, *,
-                 eval_seconds: float, round_seconds: float, elapsed: float, setup: dict | None) -> dict:
+                 eval_seconds: float, eval_beside_training: bool, round_seconds: float, elapsed: float, setup: dict | None) -> dict:
     """One line of ``metrics.jsonl``: the server's scores, each client's metrics, the failures,
-    the traffic, privacy spent, FedBiOT's alignment and where the time went."""
+    the traffic, privacy spent, FedBiOT's alignment and where the time went. ``round_seconds``
+    runs from the end of the previous evaluation to the start of this one; when that evaluation
+    ran beside this round's training (``eval_beside_training`` on the previous line),
+    ``round_seconds + eval_seconds`` is still the time from one evaluation's end to the next's."""
     privacy = traffic.privacy
     return {
         "round": server_round,
@@ -410,6 +421,7 @@ def metrics_line(server_round: int, server: dict, traffic: P.RoundTraffic, full_
         **({"privacy": {"epsilon": privacy[P.DP_EPSILON], "delta": privacy[P.DP_DELTA], "releases": int(privacy[P.DP_RELEASES])}} if privacy else {}),
         **({"alignment": aligned} if aligned else {}),
         "eval_seconds": eval_seconds,
+        "eval_beside_training": eval_beside_training,
         "round_seconds": round_seconds,
         "emulator_seconds": traffic.emulator_seconds,
         "aggregate_seconds": traffic.aggregate_seconds,

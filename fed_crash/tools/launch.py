@@ -71,11 +71,14 @@ def check_run_config(values: Mapping[str, Any] | str, app: Path = APP) -> dict[s
 
 def flower_env(flwr_home: Path, *, port_base: int | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for ``flwr run``: our own FLWR_HOME, no per-run ``uv sync``, this
-    interpreter's scripts first on PATH (the SuperLink starts its helpers by name)."""
+    interpreter's scripts first on PATH (the SuperLink starts its helpers by name), and the
+    SuperExec asking for a new run every 0.2 s instead of every 1 s (Flower's default), which a
+    run waited for half of on average before its ServerApp process started."""
     env = dict(os.environ)
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
     if port_base:
