@@ -63,24 +63,24 @@ class WorkAfterTrainPush:
     """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: work handed to
     :meth:`defer` (a round's evaluation) runs after the next train messages have been pushed,
     while the clients train, and then the replies are pulled as Flower's own ``send_and_receive``
-    does (until all have come or ``timeout`` has passed since the push). Every other exchange
-    (partition queries, emulator deliveries) passes straight through. Work runs in the order
-    it was deferred, each piece once."""
+    does (until all have come or ``timeout`` has passed since the push, at least once). Every
+    other exchange (partition queries, emulator deliveries) passes straight through. Work runs in
+    the order it was deferred, each piece once, told whether it ran beside training."""
 
     def __init__(self, grid: Grid, pull_interval_s: float = 0.2) -> None:
         self._grid, self._pull_interval_s = grid, pull_interval_s
-        self._pending: Callable[[], object] | None = None
+        self._pending: Callable[[bool], object] | None = None
 
-    def defer(self, work: Callable[[], object]) -> None:
+    def defer(self, work: Callable[[bool], object]) -> None:
         """Run ``work`` beside the next round's training (anything still pending first)."""
         self.flush()
         self._pending = work
 
-    def flush(self) -> None:
+    def flush(self, beside_training: bool = False) -> None:
         """Run the pending work now, if any."""
         work, self._pending = self._pending, None
         if work is not None:
-            work()
+            work(beside_training)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -89,7 +89,7 @@ class WorkAfterTrainPush:
         pending = list(self._grid.push_messages(messages))
         end = time.time() + (timeout or 0.0)
         log.info("train messages sent to %d nodes; the previous round is evaluated while they train", len(pending))
-        self.flush()
+        self.flush(beside_training=True)
         return pull_replies(self._grid, pending, None if timeout is None else end - time.time(), self._pull_interval_s)
 
     def __getattr__(self, name: str):
@@ -111,12 +111,13 @@ def pull_replies(grid: Grid, message_ids: Iterable[str], timeout: float | None, 
     passed (``None``: until all have come), as Flower's ``send_and_receive`` does after its push."""
     pending, end = set(message_ids), None if timeout is None else time.time() + timeout
     replies: list[Message] = []
-    while pending and (end is None or time.time() < end):
+    while pending:  # pulls at least once: replies that came while the caller was busy past the timeout count
         got = list(grid.pull_messages(pending))
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(pull_interval_s)
+        if not pending or (end is not None and time.time() >= end):
+            break
+        time.sleep(pull_interval_s)
     return replies
 
 
@@ -234,26 +235,33 @@ class OffsiteStrategy(Strategy):
         last runs after the next round's train messages have left, not before them
         (:class:`WorkAfterTrainPush`): the clients train on the aggregate, which the evaluation
         only reads, so on a machine the server and clients share, neither waits for the other.
-        The metrics lines keep their order; a round's line and checkpoint are written during the
-        next round. Off when an evaluation changes what the next round's clients get (FedBiOT
-        re-aligns the emulator after it). If the loop fails (nodes gone), the evaluation still
-        pending is run first, so its round's checkpoint is not lost."""
+        An ``evaluate_fn`` with a ``snapshot(round, arrays)`` method (``RoundEvaluator``) has it
+        called at the round's end and runs the work it returns later, so what it records of the
+        server's state is that round's; a plain one is simply called later. The metrics lines
+        keep their order; a round's line and checkpoint are written during the next round. Off
+        when an evaluation changes what the next round's clients get (FedBiOT re-aligns the
+        emulator after it). If the loop fails (nodes gone), the evaluation still pending is run
+        before the error is raised, so its round's checkpoint is not lost."""
         if evaluate_fn is None or not evaluate_while_training:
             return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, evaluate_fn=evaluate_fn, **kwargs)
         overlapped = WorkAfterTrainPush(grid)
+        snapshot = getattr(evaluate_fn, "snapshot", lambda rnd, arrays: lambda beside: evaluate_fn(rnd, arrays))
 
         def evaluate_later(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if flower_round == num_rounds:  # nothing trains after the last round
                 overlapped.flush()
                 return evaluate_fn(flower_round, arrays)
-            overlapped.defer(lambda: evaluate_fn(flower_round, arrays))
-            return None  # the metrics line is written by evaluate_fn itself, beside the next round
+            overlapped.defer(snapshot(flower_round, arrays))
+            return None  # the metrics line is written by the deferred work itself, beside the next round
 
         try:
             return super().start(grid=overlapped, initial_arrays=initial_arrays, num_rounds=num_rounds,  # type: ignore[arg-type]
                                  evaluate_fn=evaluate_later, **kwargs)
         except Exception:
-            overlapped.flush()
+            try:
+                overlapped.flush()
+            except Exception:  # noqa: BLE001 - the loop's own error is the one to raise
+                log.exception("evaluating the last finished round failed too")
             raise
 
     def set_emulator(self, emulator: P.EmulatorPayload) -> None:

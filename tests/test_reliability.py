@@ -217,6 +217,16 @@ def test_every_wait_for_nodes_is_bounded_and_ends_in_a_message_with_the_numbers(
     assert time.monotonic() - start < 5
 
 
+def test_replies_that_came_while_the_server_was_busy_past_the_timeout_still_count():
+    """A round's evaluation beside its training can outlast the round's timeout: the replies that
+    came meanwhile are pulled once all the same, not counted as timed out."""
+    from strategies.offsite import pull_replies
+
+    grid = LocalGrid(2)
+    asked = [i for node in grid.nodes for i in grid.push_messages([P.partition_request(node)])]
+    assert sorted(m.metadata.reply_to_message_id for m in pull_replies(grid, asked, timeout=-5.0)) == sorted(asked)
+
+
 @pytest.mark.parametrize("overrides, nodes, message", [
     ({"strategy": "fedmedian"}, 2, r"fedmedian over a sample of 2 \(2 nodes x fraction-train 1, min-train-nodes 2\) is the mean"),
     ({"strategy": "fedtrimmedavg", "trimmed-beta": 0.2}, 4, r"trims int\(0.2 x 4\) = 0 updates: sample at least 5 clients"),
@@ -344,6 +354,47 @@ def test_a_round_evaluated_beside_the_next_one_keeps_its_checkpoint_when_that_on
     run_dir = Path(config["results-dir"]) / config["run-name"]
     assert [line["round"] for line in metrics(run_dir)] == [0, 1]
     assert json.loads((run_dir / CHECKPOINT).read_text())["round"] == 1
+
+
+class Killed(BaseException):
+    """A stop no handler catches, as a kill would be."""
+
+
+class KilledWhileRoundThreeTrains(LocalGrid):
+    """A LocalGrid whose server is stopped while it waits for round 3's replies, by then having
+    evaluated and checkpointed round 2 beside round 3's training."""
+
+    train_pushes = 0
+
+    def push_messages(self, messages) -> list[str]:
+        messages = list(messages)
+        self.train_pushes += any(m.metadata.message_type == P.TRAIN for m in messages)
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        if self.train_pushes == 3:
+            raise Killed
+        return super().pull_messages(message_ids)
+
+
+def test_a_dp_run_stopped_while_the_next_round_trains_resumes_to_the_uninterrupted_result(files, tmp_path, monkeypatch):
+    """DP draws each round's sample from its secret generator when it configures the round, so
+    round 2's checkpoint, written beside round 3's training, must hold the generator as round 2
+    left it, not as round 3's sampling left it: resumed, the run ends with the adapters and
+    privacy accounting of one that ran straight through (the noise seeded, for the comparison)."""
+    monkeypatch.setenv("FED_CRASH_UNSAFE_DP_NOISE_SEED", "7")
+    common = {"strategy": "fedavg", "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.5, "fraction-train": 0.5, "min-train-nodes": 2,
+              "min-available-nodes": 4, "num-server-rounds": 3}
+    straight = serve_local(local_config(files, tmp_path / "a", **common), nodes=4)
+    config = local_config(files, tmp_path / "b", **common)
+    with pytest.raises(Killed):
+        serve(KilledWhileRoundThreeTrains(4, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    stopped = Path(config["results-dir"]) / config["run-name"]
+    assert json.loads((stopped / CHECKPOINT).read_text())["round"] == 2
+    resumed = serve_local({**config, "resume": True}, nodes=4)
+    a, b = load_file(straight / "adapters/final.safetensors"), load_file(resumed / "adapters/final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [line.get("privacy") for line in metrics(resumed)] == [line.get("privacy") for line in metrics(straight)]
 
 
 def test_prune_empties_node_caches_and_a_broken_middle_metrics_line_is_an_error(tmp_path):

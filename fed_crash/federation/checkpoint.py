@@ -113,10 +113,13 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, strategy: StrategyState, emulator: Path, elapsed_seconds: float) -> Path:
+def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, strategy: StrategyState, emulator: Path, elapsed_seconds: float,
+                     rng: dict | None = None) -> Path:
     """Write the strategy's tensors (when it has any) and then ``checkpoint.json`` for a finished
     round (see module docstring), atomically and durably: every file it names is on the disk
-    before it is, and it is renamed into place only once written."""
+    before it is, and it is renamed into place only once written. ``rng``: the global generators'
+    state at the round's end (:func:`rng_state`), when the checkpoint is written later (default:
+    their state now)."""
     optimizer = None
     if strategy.tensors:
         optimizer = adapters.with_name(adapters.name.replace(".safetensors", ".optimizer.safetensors"))
@@ -130,7 +133,7 @@ def write_checkpoint(run_dir: Path, server_round: int, adapters: Path, strategy:
         "optimizer": str(optimizer.relative_to(run_dir)) if optimizer else None,
         "strategy": strategy.meta,
         "emulator": {"folder": str(emulator.relative_to(run_dir)), "manifest_sha256": file_sha256(emulator / MANIFEST)},
-        "rng": rng_state(),
+        "rng": rng if rng is not None else rng_state(),
         "elapsed_seconds": elapsed_seconds,
     }
     for path in (adapters, optimizer):

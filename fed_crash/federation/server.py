@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +44,8 @@ from fed_crash.core.train import evaluate
 from fed_crash.errors import FedCrashError
 from fed_crash.evaluation.mc import HUB_TASKS, load_task, score_mc
 from fed_crash.federation import protocol as P
-from fed_crash.federation.checkpoint import CHECKPOINT, Checkpoint, check_resumable, read_checkpoint, resumed_history, seed_everything, set_rng_state, write_checkpoint
+from fed_crash.federation.checkpoint import (CHECKPOINT, Checkpoint, check_resumable, read_checkpoint, resumed_history, rng_state,
+                                             seed_everything, set_rng_state, write_checkpoint)
 from fed_crash.federation.fedbiot import align_emulator
 from fed_crash.federation.partition import calibration_slice, client_table, data_source, make_partitioner, partition_size, public_rows_needed, server_and_client_rows
 from fed_crash.federation.shards import Split, read_split
@@ -374,27 +375,44 @@ class RoundEvaluator:
         return stats
 
     def __call__(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: evaluate and record round ``flower_round``'s aggregate now."""
+        return self.snapshot(flower_round, arrays)(False)
+
+    def snapshot(self, flower_round: int, arrays: ArrayRecord) -> Callable[[bool], MetricRecord | None]:
+        """Take what the server holds at the end of round ``flower_round`` (the round's clock,
+        the strategy's state, the global generators) and return the work that evaluates the
+        aggregate and records the round from there: run at once by :meth:`__call__`, or beside
+        the next round's training (:meth:`strategies.OffsiteStrategy.start`), its argument saying
+        which. Taken at the round's end, the checkpoint holds that round's state even though the
+        next round's sampling has drawn from the strategy's generator (DP) by the time it is
+        written; the next aggregation comes only after this work has run."""
         if self.run.checkpoint and flower_round == 0:
-            return None  # the checkpoint's round: evaluated and recorded before the run stopped
-        server_round = flower_round + self.run.round_offset
+            return lambda beside: None  # the checkpoint's round: evaluated and recorded before the run stopped
         round_seconds = self.run.laps.mark()  # since the last evaluation: sampling, sending, client work, receiving, aggregation
-        round_start = time.perf_counter()
-        adapters = self.adapters(arrays)
-        server = self.zero_shot_scores(adapters) if server_round == 0 else self.scores(adapters)
-        adapters_file = save_adapters(self.run.folder / "adapters" / f"round-{server_round}.safetensors", adapters, {"round": server_round, "spec": self.spec.to_dict()})
-        aligned = self.realign(server_round) if self.cfg.fed.fedbiot_align_steps > 0 and server_round < self.cfg.fed.num_server_rounds else None
-        traffic = self.strategy.rounds.get(server_round, P.RoundTraffic())  # round 0: nothing sent yet
-        elapsed = time.perf_counter() - self.start + (self.run.checkpoint.elapsed_seconds if self.run.checkpoint else 0.0)
-        beside = evaluates_while_training(self.cfg.fed) and server_round < self.cfg.fed.num_server_rounds
-        line = metrics_line(server_round, server, traffic, self.full_bytes, aligned, eval_seconds=time.perf_counter() - round_start, eval_beside_training=beside,
-                            round_seconds=round_seconds, elapsed=elapsed, setup=self.run.laps.seconds if flower_round == (1 if self.run.checkpoint else 0) else None)
-        self.history.append(line)
-        with self.metrics_file.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
-        write_checkpoint(self.run.folder, server_round, adapters_file, self.strategy.state_dict(), self.emulator_folder, elapsed)
-        log.info("%s", round_summary(line, self.cfg.fed.num_server_rounds))
-        self.run.laps.mark()  # the next round's clock starts when this evaluation is done
-        return MetricRecord({k: float(v) for k, v in server.items()})
+        strategy_state, generators = self.strategy.state_dict(), rng_state()
+
+        def evaluate_and_record(beside: bool) -> MetricRecord:
+            server_round = flower_round + self.run.round_offset
+            round_start = time.perf_counter()
+            adapters = self.adapters(arrays)
+            server = self.zero_shot_scores(adapters) if server_round == 0 else self.scores(adapters)
+            adapters_file = save_adapters(self.run.folder / "adapters" / f"round-{server_round}.safetensors", adapters,
+                                          {"round": server_round, "spec": self.spec.to_dict()})
+            aligned = self.realign(server_round) if self.cfg.fed.fedbiot_align_steps > 0 and server_round < self.cfg.fed.num_server_rounds else None
+            traffic = self.strategy.rounds.get(server_round, P.RoundTraffic())  # round 0: nothing sent yet
+            elapsed = time.perf_counter() - self.start + (self.run.checkpoint.elapsed_seconds if self.run.checkpoint else 0.0)
+            line = metrics_line(server_round, server, traffic, self.full_bytes, aligned, eval_seconds=time.perf_counter() - round_start,
+                                eval_beside_training=beside, round_seconds=round_seconds, elapsed=elapsed,
+                                setup=self.run.laps.seconds if flower_round == (1 if self.run.checkpoint else 0) else None)
+            self.history.append(line)
+            with self.metrics_file.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+            write_checkpoint(self.run.folder, server_round, adapters_file, strategy_state, self.emulator_folder, elapsed, generators)
+            log.info("%s", round_summary(line, self.cfg.fed.num_server_rounds))
+            self.run.laps.mark()  # the next round's clock starts when this evaluation is done
+            return MetricRecord({k: float(v) for k, v in server.items()})
+
+        return evaluate_and_record
 
 
 def metrics_line(server_round: int, server: dict, traffic: P.RoundTraffic, full_bytes: int, aligned: dict | None, *,
