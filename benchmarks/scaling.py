@@ -66,8 +66,7 @@ def main() -> None:
     actors = max(1, (os.cpu_count() or 1) // args.cpus_per_client)
     model = common.tiny_model_folder(work)
     base = {"model": str(model.resolve()), "num-server-rounds": args.rounds, "max-client-examples": args.client_examples, "eval-examples": 16, "max-length": 512,
-            "save-model": False, "train.steps": args.steps, "emulator.method": "uniform", "emulator.keep": 2,
-            "evaluate-while-training": False}  # every phase in sequence, so each round's phases add up to its time
+            "save-model": False, "train.steps": args.steps, "emulator.method": "uniform", "emulator.keep": 2}
     results: dict[str, list[dict]] = {}
     for r in range(args.repeats):
         for n, k in dict.fromkeys(FIXED + GROWING):

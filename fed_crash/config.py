@@ -188,7 +188,6 @@ class FederationConfig:
     calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
     shards: str = opt("", "a split folder from 'fed-crash shards': the server reads only its slices there, each client only its own shard file (simulated: shard-<partition>.jsonl there; a SuperNode: its node config's shard-file); '' = every node cuts its shard from 'data'")
     eval_batch_size: int = opt(8, "batch size of server-side evaluation", min=1)
-    evaluate_while_training: bool = opt(True, "evaluate each round's aggregate while the next round's clients train on it (it only reads it), not before sending it; the last round's after it; always off with fedbiot-align-steps > 0 (the alignment changes what the next round gets); the scores are the same either way")
     mc_task: str = opt("", "multiple-choice task for per-round plug-in accuracy: a {query, choices, gold} JSONL or a hub task name such as 'arc_easy' ('' = off)")
     mc_samples: int = opt(50, "questions sampled from mc-task for per-round accuracy", min=0)
     run_name: str = opt("", "results/<run-name>/ ('' = <method>-<strategy>-<timestamp>)")

@@ -334,7 +334,7 @@ def rows_for_a_lost_node(lab: Lab) -> list[list[str]]:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-            if len(lines) >= 2:  # rounds 0 and 1 (round 1 is recorded beside round 2's training)
+            if len(lines) >= 2:  # rounds 0 and 1
                 node = _pids_with(f"--port {port + 11} ")  # SuperNode 1's own port
                 for pid in node + _descendants(node):
                     os.kill(pid, signal.SIGKILL)
@@ -367,7 +367,7 @@ def rows_for_a_lost_node(lab: Lab) -> list[list[str]]:
             opened.setdefault(pid, set()).add(path)
     own_only = opened and all(len(paths) == 1 for paths in opened.values()) and set().union(*opened.values()) == {str(f) for f in owners}
     return [
-        ["8 lost node", "SuperNode 1 of 2 killed (SIGKILL) once round 1 of 3 is recorded (while round 2 trains); secure deployment, one shard file per node, "
+        ["8 lost node", "SuperNode 1 of 2 killed (SIGKILL) after round 1 of 3; secure deployment, one shard file per node, "
          "round-timeout 20, node-timeout 30, min-available-nodes 1", "deployment (TLS, node auth)",
          "not run; a node that never answered was asked again every round, each time waiting up to max(round-timeout, 600 s) (read)",
          after, short(message), "yes" if result.ok else "NO"],

@@ -61,7 +61,7 @@ class PartitionOrderedGrid:
 
 class WorkAfterTrainPush:
     """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: work handed to
-    :meth:`defer` (a round's evaluation) runs after the next train messages have been pushed,
+    :meth:`defer` (round 0's evaluation) runs after the next train messages have been pushed,
     while the clients train, and then the replies are pulled as Flower's own ``send_and_receive``
     does (until all have come or ``timeout`` has passed since the push, at least once). Every
     other exchange (partition queries, emulator deliveries) passes straight through. Work runs in
@@ -88,7 +88,7 @@ class WorkAfterTrainPush:
             return self._grid.send_and_receive(messages, timeout=timeout)
         pending = list(self._grid.push_messages(messages))
         end = time.time() + (timeout or 0.0)
-        log.info("train messages sent to %d nodes; the previous round is evaluated while they train", len(pending))
+        log.info("train messages sent to %d nodes; round 0 is evaluated while they train", len(pending))
         self.flush(beside_training=True)
         return pull_replies(self._grid, pending, None if timeout is None else end - time.time(), self._pull_interval_s)
 
@@ -229,40 +229,32 @@ class OffsiteStrategy(Strategy):
         self.sent_to: dict[int, int] = {}  # this round: node id -> partition id of every train message sent
         self.sent_arrays = ArrayRecord()  # this round's adapters: replies are checked against them, low-rank ones expanded from them
 
-    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, evaluate_fn=None,
-              evaluate_while_training: bool = False, **kwargs):
-        """Flower's round loop. With ``evaluate_while_training``, each round's evaluation but the
-        last runs after the next round's train messages have left, not before them
-        (:class:`WorkAfterTrainPush`): the clients train on the aggregate, which the evaluation
-        only reads, so on a machine the server and clients share, neither waits for the other.
-        An ``evaluate_fn`` with a ``snapshot(round, arrays)`` method (``RoundEvaluator``) has it
-        called at the round's end and runs the work it returns later, so what it records of the
-        server's state is that round's; a plain one is simply called later. The metrics lines
-        keep their order; a round's line and checkpoint are written during the next round. Off
-        when an evaluation changes what the next round's clients get (FedBiOT re-aligns the
-        emulator after it). If the loop fails (nodes gone), the evaluation still pending is run
-        before the error is raised, so its round's checkpoint is not lost."""
-        if evaluate_fn is None or not evaluate_while_training:
-            return super().start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, evaluate_fn=evaluate_fn, **kwargs)
+    def start(self, *, grid: Grid, initial_arrays: ArrayRecord, evaluate_fn=None, evaluate_round_0_while_training: bool = False, **kwargs):
+        """Flower's round loop. With ``evaluate_round_0_while_training``, round 0's evaluation (of
+        the starting adapters, which nothing sent depends on) runs after round 1's train messages
+        have left instead of before them (:class:`WorkAfterTrainPush`), so clients start training
+        at once; its metrics line is still the first one. An ``evaluate_fn`` with a
+        ``snapshot(round, arrays)`` method (``RoundEvaluator``) has it called before round 1 is
+        configured and runs the work it returns later, so what it records of the server's state
+        is round 0's, not what round 1's sampling left (DP draws from its generator there). Off
+        when round 0's evaluation changes what clients get (FedBiOT re-aligns the emulator there).
+        Later rounds are evaluated in Flower's order: beside the next round's training they
+        made no run faster on a 2-core host (docs/benchmarks.md, table 8, fifth pass)."""
+        if evaluate_fn is None or not evaluate_round_0_while_training:
+            return super().start(grid=grid, initial_arrays=initial_arrays, evaluate_fn=evaluate_fn, **kwargs)
         overlapped = WorkAfterTrainPush(grid)
         snapshot = getattr(evaluate_fn, "snapshot", lambda rnd, arrays: lambda beside: evaluate_fn(rnd, arrays))
 
-        def evaluate_later(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if flower_round == num_rounds:  # nothing trains after the last round
-                overlapped.flush()
-                return evaluate_fn(flower_round, arrays)
-            overlapped.defer(snapshot(flower_round, arrays))
-            return None  # the metrics line is written by the deferred work itself, beside the next round
+        def evaluate_round_0_later(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == 0:
+                overlapped.defer(snapshot(0, arrays))
+                return None  # the metrics line is written by the deferred work itself
+            overlapped.flush()  # still pending only when round 1 sent no train message
+            return evaluate_fn(flower_round, arrays)
 
-        try:
-            return super().start(grid=overlapped, initial_arrays=initial_arrays, num_rounds=num_rounds,  # type: ignore[arg-type]
-                                 evaluate_fn=evaluate_later, **kwargs)
-        except Exception:
-            try:
-                overlapped.flush()
-            except Exception:  # noqa: BLE001 - the loop's own error is the one to raise
-                log.exception("evaluating the last finished round failed too")
-            raise
+        result = super().start(grid=overlapped, initial_arrays=initial_arrays, evaluate_fn=evaluate_round_0_later, **kwargs)  # type: ignore[arg-type]
+        overlapped.flush()  # a run of no rounds
+        return result
 
     def set_emulator(self, emulator: P.EmulatorPayload) -> None:
         """The emulator nodes train on; a new one (FedBiOT alignment) reaches every node before its next round."""

@@ -312,57 +312,24 @@ class EvaluationsAtTrainPush(LocalGrid):
         return super().push_messages(messages)
 
 
-def test_each_round_is_evaluated_while_the_next_one_trains_and_scores_the_same(files, tmp_path):
-    """evaluate-while-training (the default): round r is evaluated (its metrics line written)
-    only after round r+1's train messages have gone out, the last round after it; off, before
-    them, as in Flower's own loop. Every score is the same either way."""
-    runs = {}
-    for beside in (True, False):
-        config = local_config(files, tmp_path / str(beside), **{"num-server-rounds": 3, "evaluate-while-training": beside})
-        run_dir = Path(config["results-dir"]) / config["run-name"]
-        grid = EvaluationsAtTrainPush(2, run_dir / "metrics.jsonl", config)
-        serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
-        runs[beside] = grid.evaluated, metrics(run_dir)
-    assert runs[True][0] == [0, 1, 2] and runs[False][0] == [1, 2, 3]
-    assert [(line["round"], line["eval_beside_training"]) for line in runs[True][1]] == [(0, True), (1, True), (2, True), (3, False)]
-    assert [(line["round"], line["eval_beside_training"]) for line in runs[False][1]] == [(0, False), (1, False), (2, False), (3, False)]
-    assert [line["server"] for line in runs[True][1]] == [line["server"] for line in runs[False][1]]
-
-
-class NodesGoneAfterFirstTrainPush(LocalGrid):
-    """A LocalGrid whose nodes all disconnect once they have answered round 1."""
-
-    gone = False
-
-    def get_node_ids(self) -> list[int]:
-        return [] if self.gone else self.nodes
-
-    def push_messages(self, messages) -> list[str]:
-        messages = list(messages)
-        ids = super().push_messages(messages)
-        self.gone = self.gone or any(m.metadata.message_type == P.TRAIN for m in messages)
-        return ids
-
-
-def test_a_round_evaluated_beside_the_next_one_keeps_its_checkpoint_when_that_one_fails(files, tmp_path):
-    """Round 1's evaluation waits for round 2's train messages, which never leave: every node is
-    gone, and the run fails after node-timeout. Round 1 is still evaluated and checkpointed
-    before the error, so resume=true continues after it."""
-    config = local_config(files, tmp_path / "results", **{"num-server-rounds": 3, "node-timeout": 1.0})
-    with pytest.raises(FedCrashError, match="round 2: 0 admitted node"):
-        serve(NodesGoneAfterFirstTrainPush(2, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+def test_round_0_is_evaluated_while_round_1_trains_and_later_rounds_before_the_next(files, tmp_path):
+    """Round 0's metrics line is written only after round 1's train messages have gone out;
+    every later round's before the next round's messages (Flower's order), and it says so."""
+    config = local_config(files, tmp_path / "results", **{"num-server-rounds": 3})
     run_dir = Path(config["results-dir"]) / config["run-name"]
-    assert [line["round"] for line in metrics(run_dir)] == [0, 1]
-    assert json.loads((run_dir / CHECKPOINT).read_text())["round"] == 1
+    grid = EvaluationsAtTrainPush(2, run_dir / "metrics.jsonl", config)
+    serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    assert grid.evaluated == [0, 2, 3]
+    assert [(line["round"], line["eval_beside_training"]) for line in metrics(run_dir)] == [(0, True), (1, False), (2, False), (3, False)]
 
 
 class Killed(BaseException):
     """A stop no handler catches, as a kill would be."""
 
 
-class KilledWhileRoundThreeTrains(LocalGrid):
-    """A LocalGrid whose server is stopped while it waits for round 3's replies, by then having
-    evaluated and checkpointed round 2 beside round 3's training."""
+class KilledWhileRoundOneTrains(LocalGrid):
+    """A LocalGrid whose server is stopped while it waits for round 1's replies, by then having
+    evaluated and checkpointed round 0 beside round 1's training."""
 
     train_pushes = 0
 
@@ -372,25 +339,25 @@ class KilledWhileRoundThreeTrains(LocalGrid):
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids) -> list[Message]:
-        if self.train_pushes == 3:
+        if self.train_pushes == 1:
             raise Killed
         return super().pull_messages(message_ids)
 
 
-def test_a_dp_run_stopped_while_the_next_round_trains_resumes_to_the_uninterrupted_result(files, tmp_path, monkeypatch):
+def test_a_dp_run_stopped_while_round_1_trains_resumes_to_the_uninterrupted_result(files, tmp_path, monkeypatch):
     """DP draws each round's sample from its secret generator when it configures the round, so
-    round 2's checkpoint, written beside round 3's training, must hold the generator as round 2
-    left it, not as round 3's sampling left it: resumed, the run ends with the adapters and
+    round 0's checkpoint, written beside round 1's training, must hold the generator as round 0
+    left it, not as round 1's sampling left it: resumed, the run ends with the adapters and
     privacy accounting of one that ran straight through (the noise seeded, for the comparison)."""
     monkeypatch.setenv("FED_CRASH_UNSAFE_DP_NOISE_SEED", "7")
     common = {"strategy": "fedavg", "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.5, "fraction-train": 0.5, "min-train-nodes": 2,
-              "min-available-nodes": 4, "num-server-rounds": 3}
+              "min-available-nodes": 4, "num-server-rounds": 2}
     straight = serve_local(local_config(files, tmp_path / "a", **common), nodes=4)
     config = local_config(files, tmp_path / "b", **common)
     with pytest.raises(Killed):
-        serve(KilledWhileRoundThreeTrains(4, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        serve(KilledWhileRoundOneTrains(4, run_config=config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     stopped = Path(config["results-dir"]) / config["run-name"]
-    assert json.loads((stopped / CHECKPOINT).read_text())["round"] == 2
+    assert json.loads((stopped / CHECKPOINT).read_text())["round"] == 0
     resumed = serve_local({**config, "resume": True}, nodes=4)
     a, b = load_file(straight / "adapters/final.safetensors"), load_file(resumed / "adapters/final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

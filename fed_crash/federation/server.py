@@ -222,13 +222,6 @@ def robust_sample_problem(fed: FederationConfig, nodes: int) -> str | None:
     return None
 
 
-def evaluates_while_training(fed: FederationConfig) -> bool:
-    """Whether a round's evaluation runs beside the next round's training
-    (:meth:`strategies.OffsiteStrategy.start`): asked for, and no FedBiOT alignment, which
-    changes the emulator the next round trains on once the evaluation is done."""
-    return fed.evaluate_while_training and fed.fedbiot_align_steps == 0
-
-
 def emulator_payload(folder: Path, model, spec: EmulatorSpec) -> P.EmulatorPayload:
     """The emulator message's content, checked by :func:`fed_crash.core.artifacts.check_private`
     before it may leave the server (no removed layer, no adapter, no checkpoint file). The
@@ -381,11 +374,11 @@ class RoundEvaluator:
     def snapshot(self, flower_round: int, arrays: ArrayRecord) -> Callable[[bool], MetricRecord | None]:
         """Take what the server holds at the end of round ``flower_round`` (the round's clock,
         the strategy's state, the global generators) and return the work that evaluates the
-        aggregate and records the round from there: run at once by :meth:`__call__`, or beside
-        the next round's training (:meth:`strategies.OffsiteStrategy.start`), its argument saying
-        which. Taken at the round's end, the checkpoint holds that round's state even though the
-        next round's sampling has drawn from the strategy's generator (DP) by the time it is
-        written; the next aggregation comes only after this work has run."""
+        aggregate and records the round from there: run at once by :meth:`__call__`, or (round 0)
+        beside round 1's training (:meth:`strategies.OffsiteStrategy.start`), its argument saying
+        which. Taken at the round's end, the checkpoint holds that round's state even though round
+        1's sampling has drawn from the strategy's generator (DP) by the time it is written; the
+        next aggregation comes only after this work has run."""
         if self.run.checkpoint and flower_round == 0:
             return lambda beside: None  # the checkpoint's round: evaluated and recorded before the run stopped
         round_seconds = self.run.laps.mark()  # since the last evaluation: sampling, sending, client work, receiving, aggregation
@@ -419,8 +412,8 @@ def metrics_line(server_round: int, server: dict, traffic: P.RoundTraffic, full_
                  eval_seconds: float, eval_beside_training: bool, round_seconds: float, elapsed: float, setup: dict | None) -> dict:
     """One line of ``metrics.jsonl``: the server's scores, each client's metrics, the failures,
     the traffic, privacy spent, FedBiOT's alignment and where the time went. ``round_seconds``
-    runs from the end of the previous evaluation to the start of this one; when that evaluation
-    ran beside this round's training (``eval_beside_training`` on the previous line),
+    runs from the end of the previous evaluation to the end of this round; when that evaluation
+    ran beside this round's training (``eval_beside_training``: round 0's, normally),
     ``round_seconds + eval_seconds`` is still the time from one evaluation's end to the next's."""
     privacy = traffic.privacy
     return {

@@ -20,8 +20,8 @@ def main(grid: Grid, context: Context) -> None:
     from fed_crash.core.models import load_model
     from fed_crash.federation.context import run_config
     from fed_crash.federation.faults import FaultPlan
-    from fed_crash.federation.server import (RoundEvaluator, check_clients, evaluates_while_training, finish, initial_adapters, open_run,
-                                             plan_or_resume, removed_if_it_fails_to_start, write_run)
+    from fed_crash.federation.server import (RoundEvaluator, check_clients, finish, initial_adapters, open_run, plan_or_resume,
+                                             removed_if_it_fails_to_start, write_run)
     from strategies import OffsiteStrategy, make_strategy
 
     cfg = run_config(context)  # unknown keys and wrong types fail here, by name
@@ -51,6 +51,6 @@ def main(grid: Grid, context: Context) -> None:
             timeout=cfg.fed.round_timeout,
             train_config=ConfigRecord(),
             evaluate_fn=evaluate_fn,
-            evaluate_while_training=evaluates_while_training(cfg.fed),
+            evaluate_round_0_while_training=cfg.fed.fedbiot_align_steps == 0,  # FedBiOT aligns the emulator at round 0
         )
         finish(run, loaded, evaluate_fn, result.arrays, initial)
