@@ -5,10 +5,10 @@
     python scripts/experiment_time.py results/compare_strategies
 
 Client training counts the slower client of each round (the round waits for it). An evaluation
-that ran beside the next round's training (``eval_beside_training``; before that key existed,
-round 0's only) is listed apart: its seconds overlap client training. What no lap covers (starting and stopping ``flwr run``, the ServerApp process,
-Ray and the client actors' start-up before the connect lap, saving the final model, teardown)
-is the remainder.
+that ran beside the next round's training (``eval_beside_training``: round 0's; in files older
+than that key, round 0's is taken to) is listed apart: its seconds overlap client training. What
+no lap covers (starting and stopping ``flwr run``, the ServerApp process, Ray and the client
+actors' start-up before the connect lap, saving the final model, teardown) is the remainder.
 """
 
 from __future__ import annotations

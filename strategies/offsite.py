@@ -60,20 +60,18 @@ class PartitionOrderedGrid:
 
 
 class WorkAfterTrainPush:
-    """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: work handed to
-    :meth:`defer` (round 0's evaluation) runs after the next train messages have been pushed,
-    while the clients train, and then the replies are pulled as Flower's own ``send_and_receive``
-    does (until all have come or ``timeout`` has passed since the push, at least once). Every
-    other exchange (partition queries, emulator deliveries) passes straight through. Work runs in
-    the order it was deferred, each piece once, told whether it ran beside training."""
+    """The Grid as Flower's round loop sees it in :meth:`OffsiteStrategy.start`: the work handed
+    to :meth:`defer` (round 0's evaluation) runs after the next train messages have been pushed,
+    while the clients train, told that it ran beside training; then the replies are pulled as
+    Flower's own ``send_and_receive`` does (until all have come or ``timeout`` has passed since
+    the push, at least once). Every other exchange (partition queries, emulator deliveries)
+    passes straight through."""
 
     def __init__(self, grid: Grid, pull_interval_s: float = 0.2) -> None:
         self._grid, self._pull_interval_s = grid, pull_interval_s
         self._pending: Callable[[bool], object] | None = None
 
     def defer(self, work: Callable[[bool], object]) -> None:
-        """Run ``work`` beside the next round's training (anything still pending first)."""
-        self.flush()
         self._pending = work
 
     def flush(self, beside_training: bool = False) -> None:
@@ -233,9 +231,9 @@ class OffsiteStrategy(Strategy):
         """Flower's round loop. With ``evaluate_round_0_while_training``, round 0's evaluation (of
         the starting adapters, which nothing sent depends on) runs after round 1's train messages
         have left instead of before them (:class:`WorkAfterTrainPush`), so clients start training
-        at once; its metrics line is still the first one. An ``evaluate_fn`` with a
-        ``snapshot(round, arrays)`` method (``RoundEvaluator``) has it called before round 1 is
-        configured and runs the work it returns later, so what it records of the server's state
+        at once; its metrics line is still the first one. ``evaluate_fn`` needs a
+        ``snapshot(round, arrays)`` method (``RoundEvaluator``): it is called before round 1 is
+        configured, and the work it returns runs later, so what it records of the server's state
         is round 0's, not what round 1's sampling left (DP draws from its generator there). Off
         when round 0's evaluation changes what clients get (FedBiOT re-aligns the emulator there).
         Later rounds are evaluated in Flower's order: beside the next round's training they
@@ -243,11 +241,10 @@ class OffsiteStrategy(Strategy):
         if evaluate_fn is None or not evaluate_round_0_while_training:
             return super().start(grid=grid, initial_arrays=initial_arrays, evaluate_fn=evaluate_fn, **kwargs)
         overlapped = WorkAfterTrainPush(grid)
-        snapshot = getattr(evaluate_fn, "snapshot", lambda rnd, arrays: lambda beside: evaluate_fn(rnd, arrays))
 
         def evaluate_round_0_later(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if flower_round == 0:
-                overlapped.defer(snapshot(0, arrays))
+                overlapped.defer(evaluate_fn.snapshot(0, arrays))
                 return None  # the metrics line is written by the deferred work itself
             overlapped.flush()  # still pending only when round 1 sent no train message
             return evaluate_fn(flower_round, arrays)

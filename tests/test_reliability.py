@@ -218,8 +218,8 @@ def test_every_wait_for_nodes_is_bounded_and_ends_in_a_message_with_the_numbers(
 
 
 def test_replies_that_came_while_the_server_was_busy_past_the_timeout_still_count():
-    """A round's evaluation beside its training can outlast the round's timeout: the replies that
-    came meanwhile are pulled once all the same, not counted as timed out."""
+    """Round 0's evaluation beside round 1's training can outlast the round's timeout: the replies
+    that came meanwhile are pulled once all the same, not counted as timed out."""
     from strategies.offsite import pull_replies
 
     grid = LocalGrid(2)
