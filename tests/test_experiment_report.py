@@ -64,7 +64,7 @@ def finished_cell(folder, loaded, cell, nudge: float) -> None:
 
 def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny_model_dir, monkeypatch):
     mc = tmp_path / "quiz.jsonl"
-    mc.write_text("\n".join(json.dumps({"query": f"Q: {r['instruction']}\nA:", "choices": ["a", "b", "c"], "gold": i % 3})
+    mc.write_text("\n".join(json.dumps({"query": f"Q: {r['instruction']}\nA:", "choices": ["a", "b", "c c c", "d d d"], "gold": i % 4})  # acc picks a short choice, acc_norm a long one
                             for i, r in enumerate(ROWS[:12])))
     exp = load_experiment(_write(tmp_path, mc, tiny_model_dir))
     assert [c.name for c in exp.cells] == ["uniform_0", "uniform_1", "full_0", "full_1"]
@@ -114,6 +114,13 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     averaged_plug_in = [(a + b) / 2 for a, b in zip(correct("uniform_0", "plug_in"), correct("uniform_1", "plug_in"))]
     assert json.dumps(seeds["uniform"]["averaged_retention"]) == json.dumps(gain_retention(averaged_plug_in, correct("uniform_0", "full_zero_shot"), averaged_ceiling))
     assert "averaged_retention" not in seeds["full"]  # the ceiling has no ceiling
+    # plug-in against plug-in for cells that differ only in the emulator: within each seed, never across seeds
+    pairs = json.loads((exp.folder / "tasks.json").read_text())["pairs"]
+    assert [(p["a"], p["b"], p["task"]) for p in pairs] == [("uniform_0", "full_0", "quiz"), ("uniform_1", "full_1", "quiz")]
+    for p in pairs:
+        for metric in ("acc", "acc_norm"):
+            assert p[metric] == paired_bootstrap(correct(p["a"], "plug_in", metric), correct(p["b"], "plug_in", metric))
+    assert "| uniform_0 - full_0 | acc_norm |" in text
     # a ceiling scored in a later run: scripts/task_retention.py pairs the kept rows with its report alone
     out = tmp_path / "retention.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "task_retention.py"), str(exp.folder / "tasks.json"), str(exp.folder / "full_0" / "report"),

@@ -14,7 +14,10 @@ those records, per task and cell:
   clients' peak resident memory;
 * over cells that differ only in their seeds: the mean and spread of the plug-in's accuracy and
   gain, the gain's Student-t 95% interval over the seeds, and the seed-averaged plug-in's gain
-  with a paired bootstrap interval over the questions (:func:`seed_summaries`).
+  with a paired bootstrap interval over the questions (:func:`seed_summaries`);
+* between cells that differ only in the emulator (uniform against CRaSh against search, the
+  ceiling against FlowerTune's LoRA): plug-in minus plug-in in acc and acc_norm, with paired
+  bootstrap intervals (:func:`plug_in_pairs`).
 
 ``tasks.md`` holds the tables and ``frontier.png`` plots plug-in accuracy against bytes sent.
 """
@@ -88,29 +91,32 @@ def _same_questions(scored: dict, wanted: dict) -> bool:
     return key(scored) == key(wanted)
 
 
-def correct_answers(report_folder: Path, report: dict, model: str, task: str) -> list[int]:
-    """One model's per-question correctness on ``task`` (``<cell>/report/`` and its report.json),
+def correct_answers(report_folder: Path, report: dict, model: str, task: str, metric: str = METRIC) -> list[int]:
+    """One model's per-question correctness in ``metric`` on ``task`` (``<cell>/report/`` and its report.json),
     read from the cell that scored it: the full model's zero-shot records live in the cell named
     by ``full_from`` (found by its name, so an experiment folder that was moved still reads)."""
     scored_by = Path(report["full_from"]).parent.parent.name if model == "full_zero_shot" and report.get("full_from") else report_folder.parent.name
     path = report_folder.parent.parent / scored_by / REPORT / report["models"][model]["tasks"][task]["samples_file"]
-    return [json.loads(line)["correct"][METRIC] for line in path.read_text().splitlines() if line]
+    return [json.loads(line)["correct"][metric] for line in path.read_text().splitlines() if line]
 
 
 EMULATOR_ONLY = ("fedbiot-align-steps", "fedbiot-align-lr")  # run-config keys that act on the emulator alone
+
+
+def beside_the_emulator(cell) -> dict:
+    """A cell's run config without what only acts on the emulator (its method and options,
+    FedBiOT's alignment): cells equal here differ only in the emulator the clients train on."""
+    return {k: v for k, v in cell.run_config.items() if not k.startswith("emulator.") and k not in EMULATOR_ONLY}
 
 
 def ceiling_of(cell, cells: list) -> str | None:
     """The cell that trains the same adapters on the full model: method ``full``, the rest of the
     run config equal (emulator options other than the method, and FedBiOT's alignment of the
     emulator, do not apply to it)."""
-    def rest(c) -> dict:
-        return {k: v for k, v in c.run_config.items() if not k.startswith("emulator.") and k not in EMULATOR_ONLY}
-
     if cell.run_config.get("emulator.method") == CEILING:
         return None
     for other in cells:
-        if other.run_config.get("emulator.method") == CEILING and rest(other) == rest(cell):
+        if other.run_config.get("emulator.method") == CEILING and beside_the_emulator(other) == beside_the_emulator(cell):
             return other.name
     return None
 
@@ -251,6 +257,41 @@ def seeds_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plug_in_pairs(experiment, finished: list, reports: dict[str, dict]) -> list[dict]:
+    """Plug-in against plug-in on the same questions, for every two cells that differ only in the
+    emulator (:func:`beside_the_emulator`; the experiment file's order says which is A): which
+    emulator method is better, in :data:`METRIC` and :data:`ALSO`, each a paired bootstrap
+    95% interval of A - B (:func:`fed_crash.evaluation.stats.paired_bootstrap`)."""
+    groups: dict[str, list[str]] = {}
+    for cell, _, _ in finished:
+        groups.setdefault(json.dumps(beside_the_emulator(cell), sort_keys=True), []).append(cell.name)
+    pairs = []
+    for members in groups.values():
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                for task in [t for t in reports[a]["tasks"] if t in reports[b]["tasks"]]:
+                    answers = {name: {m: correct_answers(experiment.folder / name / REPORT, reports[name], "plug_in", task, m) for m in (METRIC, ALSO)}
+                               for name in (a, b)}
+                    pairs.append({"a": a, "b": b, "task": task, **{m: paired_bootstrap(answers[a][m], answers[b][m]) for m in (METRIC, ALSO)}})
+    return pairs
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    """One row per pair of cells and metric, one column per task; an interval that excludes 0 in bold."""
+    tasks = list(dict.fromkeys(p["task"] for p in pairs))
+    lines = ["| A - B | metric | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for a, b in dict.fromkeys((p["a"], p["b"]) for p in pairs):
+        by_task = {p["task"]: p for p in pairs if (p["a"], p["b"]) == (a, b)}
+        for metric in (METRIC, ALSO):
+            cells = []
+            for task in tasks:
+                d = by_task[task][metric] if task in by_task else None
+                text = interval_text(d) if d else "-"
+                cells.append(f"**{text}**" if d and (d["low"] > 0 or d["high"] < 0) else text)
+            lines.append(f"| {a} - {b} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_frontier(rows: list[dict], path: Path) -> None:
     """Plug-in accuracy (mean over tasks) against MB per client: the privacy-utility-cost frontier,
     with the full model's zero-shot accuracy as the line to beat."""
@@ -274,6 +315,7 @@ def write_tasks_summary(experiment, finished: list, reports: dict[str, dict]) ->
     rows = task_rows(experiment, finished, reports)
     groups = seed_groups([cell for cell, _, _ in finished])
     summaries = seed_summaries(rows, groups)
+    pairs = plug_in_pairs(experiment, finished, reports)
     folder = experiment.folder
     plot_frontier(rows, folder / "frontier.png")
     n = sorted({r["n"] for r in rows})
@@ -284,7 +326,10 @@ def write_tasks_summary(experiment, finished: list, reports: dict[str, dict]) ->
             "", tasks_table(rows)]
     if summaries:
         text += ["", "## Over seeds", "", seeds_table(summaries)]
+    if pairs:
+        text += ["", "## Plug-ins compared", "", "Cells that differ only in the emulator, on the same questions: plug-in A minus plug-in B in "
+                 "points, with a paired bootstrap 95% interval; in bold where the interval excludes 0.", "", pairs_table(pairs)]
     text += ["", "![plug-in accuracy against bytes per client](frontier.png)"]
     (folder / "tasks.md").write_text("\n".join(text) + "\n")
-    (folder / "tasks.json").write_text(json.dumps({"rows": rows, "seed_groups": groups, "seeds": summaries}, indent=1))
+    (folder / "tasks.json").write_text(json.dumps({"rows": rows, "seed_groups": groups, "seeds": summaries, "pairs": pairs}, indent=1))
     return folder / "tasks.md"
