@@ -19,6 +19,7 @@ from fed_crash.evaluation.stats import gain_retention, paired_bootstrap, seeds_i
 from fed_crash.federation.checkpoint import StrategyState, write_checkpoint
 from fed_crash.selection import make_spec
 from fed_crash.tools.experiment import CELL_FILE, load_experiment, run_experiment
+from fed_crash.tools.experiment_report import interval_text, kept_text
 from tests.conftest import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,11 @@ def test_cells_are_scored_on_the_tasks_against_their_full_ceiling(tmp_path, tiny
     kept = json.loads(out.read_text())["uniform_0/quiz"]
     assert json.dumps(kept["retention"]) == json.dumps(uniform_0["retention"])
     assert kept["plug_in_minus_against"] == paired_bootstrap(correct("uniform_0", "plug_in"), correct("uniform_1", "plug_in"))
+    # the gain and retention in acc_norm, from the same records
+    printed = subprocess.run([sys.executable, str(ROOT / "scripts" / "task_metric.py"), str(exp.folder), "--ceiling", "full_0", "--cells", "uniform_0"],
+                             check=True, capture_output=True, text=True).stdout
+    norm = [correct("uniform_0", m, "acc_norm") for m in ("plug_in", "full_zero_shot")] + [correct("full_0", "plug_in", "acc_norm")]
+    assert f"| uniform_0 | quiz | {interval_text(paired_bootstrap(norm[0], norm[1]))} | {kept_text(gain_retention(*norm))} |" in printed
     summary = (exp.folder / "summary.md").read_text()
     assert "| uniform | 2 | 1.8950 ± 0.0071 | 1.8900-1.9000 |" in summary and "[tasks.md](tasks.md)" in summary
 
