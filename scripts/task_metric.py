@@ -13,6 +13,7 @@ length-normalised accuracy) and ``acc_bytes``. This prints, per cell and task, t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -28,12 +29,14 @@ def main() -> None:
     parser.add_argument("--metric", default="acc_norm", choices=("acc", "acc_norm", "acc_bytes"))
     args = parser.parse_args()
 
+    @functools.cache  # read each report.json once
     def report(cell: str) -> dict:
         path = args.folder / cell / REPORT / "report.json"
         if not path.is_file():
             raise SystemExit(f"{path} does not exist: the cell {cell!r} is not scored")
         return json.loads(path.read_text())
 
+    @functools.cache  # the ceiling's records serve every cell
     def answers(cell: str, model: str, task: str) -> list[int]:
         return correct_answers(args.folder / cell / REPORT, report(cell), model, task, args.metric)
 

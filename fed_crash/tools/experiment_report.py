@@ -24,6 +24,8 @@ those records, per task and cell:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import shutil
@@ -265,14 +267,15 @@ def plug_in_pairs(experiment, finished: list, reports: dict[str, dict]) -> list[
     groups: dict[str, list[str]] = {}
     for cell, _, _ in finished:
         groups.setdefault(json.dumps(beside_the_emulator(cell), sort_keys=True), []).append(cell.name)
+
+    @functools.cache
+    def answers(name: str, task: str) -> dict[str, list[int]]:  # each cell's records read once, however many pairs it is in
+        return {m: correct_answers(experiment.folder / name / REPORT, reports[name], "plug_in", task, m) for m in (METRIC, ALSO)}
+
     pairs = []
-    for members in groups.values():
-        for i, a in enumerate(members):
-            for b in members[i + 1:]:
-                for task in [t for t in reports[a]["tasks"] if t in reports[b]["tasks"]]:
-                    answers = {name: {m: correct_answers(experiment.folder / name / REPORT, reports[name], "plug_in", task, m) for m in (METRIC, ALSO)}
-                               for name in (a, b)}
-                    pairs.append({"a": a, "b": b, "task": task, **{m: paired_bootstrap(answers[a][m], answers[b][m]) for m in (METRIC, ALSO)}})
+    for a, b in (pair for members in groups.values() for pair in itertools.combinations(members, 2)):
+        for task in [t for t in reports[a]["tasks"] if t in reports[b]["tasks"]]:
+            pairs.append({"a": a, "b": b, "task": task, **{m: paired_bootstrap(answers(a, task)[m], answers(b, task)[m]) for m in (METRIC, ALSO)}})
     return pairs
 
 
