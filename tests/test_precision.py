@@ -42,6 +42,39 @@ def test_linear_weights_are_bf16_inside_the_block_and_the_same_fp32_tensors_afte
         assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
 
 
+def test_bf16_training_on_a_cpu_attends_eagerly_and_every_other_pass_with_the_models_own(tokenizer):
+    """Training in bf16 on a CPU uses transformers' eager attention (faster there than torch's
+    fused kernel, whose bf16 backward is slow); evaluation and multiple-choice scoring keep the
+    model's SDPA, as does fp32 training; every pass leaves the model with its own implementation."""
+    from fed_crash.config import TrainConfig
+    from fed_crash.evaluation.mc import score_mc
+
+    model = tiny_llama(layers=4)
+    own = model.config._attn_implementation
+    assert own == "sdpa"
+    emulator = build_emulator(model, make_spec("uniform", 4, bottom=1, top=1, keep=1, share=False))
+    seen: list[str] = []
+    for m in (model, emulator.model):
+        m.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args, m=m: seen.append(m.config._attn_implementation))
+    examples = tokenize(ROWS, tokenizer, max_length=256, template="alpaca")
+    pad = pad_id(tokenizer)
+
+    def attended(run) -> set[str]:
+        seen.clear()
+        run()
+        return set(seen)
+
+    def train(dtype):
+        train_adapters(emulator, examples, pad, TrainConfig(steps=1, batch_size=2), progress=False, dtype=dtype)
+
+    assert attended(lambda: train(torch.bfloat16)) == {"eager"}
+    assert attended(lambda: train(torch.float32)) == {own}
+    for dtype in (torch.bfloat16, torch.float32):
+        assert attended(lambda: evaluate(model, examples, pad, progress=False, dtype=dtype)) == {own}
+        assert attended(lambda: score_mc(model, tokenizer, [{"query": "Q: which?", "choices": ["a", "b c"], "gold": 0}], dtype=dtype)) == {own}
+    assert model.config._attn_implementation == own and emulator.model.config._attn_implementation == own
+
+
 def test_bf16_training_and_evaluation_agree_with_fp32_and_keep_fp32_weights(tokenizer):
     torch.manual_seed(0)
     model = tiny_llama(layers=6)

@@ -339,7 +339,8 @@ class RoundEvaluator:
         questions, dtype, batch sizes, device type): cells of an experiment that share model,
         emulator spec and rows compute them once."""
         cfg = self.cfg
-        code = "".join(Path(m.__file__).read_text() for m in map(sys.modules.get, (evaluate.__module__, score_mc.__module__, build_emulator.__module__)))
+        modules = (evaluate.__module__, score_mc.__module__, build_emulator.__module__, compute_dtype.__module__)  # precision: how passes run in bf16
+        code = "".join(Path(sys.modules[m].__file__).read_text() for m in modules)
         parts = [json.loads((self.emulator_folder / MANIFEST).read_text())["source"]["sha256"], hashlib.sha256(code.encode()).hexdigest(),
                  self.spec.to_dict(), [[e.input_ids, e.labels] for e in self.held_out], self.run.mc_rows, dtype_name(self.run.dtype),
                  cfg.fed.eval_batch_size, str(next(self.loaded.model.parameters()).device.type)]
