@@ -76,11 +76,11 @@ def training_attention(dtype: torch.dtype, model: torch.nn.Module) -> Iterator[N
     eager attention) when it trains in bf16 on a CPU; afterwards it has its own back.
 
     Why: on this project's CPU the backward pass of torch's fused SDPA kernel in bf16 takes 4x
-    its forward, a sixth of a client's training step; eager attention makes the step 1.10-1.15x
-    faster at the same distance from fp32. Forward-only passes keep the fused kernel: eager does
-    not speed up evaluation there, and in multiple-choice scoring it moves OpenBookQA's accuracy
-    0.6 points from fp32 (docs/benchmarks.md, table 7, "Attention"). fp32 and CUDA always keep the
-    model's own attention."""
+    its forward, a sixth of a client's training step; eager attention makes the step 1.10-1.19x
+    faster at the same distance from fp32. Forward-only passes keep the fused kernel: eager's
+    gain there does not repeat between runs, and in multiple-choice scoring it moves OpenBookQA's
+    accuracy 0.6 points from fp32 (docs/benchmarks.md, table 7, "Attention in bf16"). fp32 and
+    CUDA keep the model's own attention."""
     config = getattr(model, "config", None)
     own = getattr(config, "_attn_implementation", None)
     on_cpu = next(model.parameters()).device.type == "cpu"
