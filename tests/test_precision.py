@@ -18,7 +18,7 @@ from fed_crash.core.precision import compute_dtype, linear_weights_in
 from fed_crash.core.train import evaluate, train_adapters
 from fed_crash.federation import protocol as P
 from fed_crash.selection import make_spec
-from fed_crash.tools.tiny import tiny_llama
+from fed_crash.tools.tiny import tiny_gemma3, tiny_llama
 from tests.conftest import ROWS, LocalGrid
 
 
@@ -42,36 +42,46 @@ def test_linear_weights_are_bf16_inside_the_block_and_the_same_fp32_tensors_afte
         assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
 
 
-def test_bf16_training_on_a_cpu_attends_eagerly_and_every_other_pass_with_the_models_own(tokenizer):
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_bf16_training_on_a_cpu_attends_eagerly_and_every_other_pass_with_the_models_own(tokenizer, monkeypatch, make):
     """Training in bf16 on a CPU uses transformers' eager attention (faster there than torch's
-    fused kernel, whose bf16 backward is slow); evaluation and multiple-choice scoring keep the
-    model's SDPA, as does fp32 training; every pass leaves the model with its own implementation."""
+    fused kernel, whose bf16 backward is slow) and computes the same loss as the fused kernel
+    (Gemma 3's sliding windows included: an attention that ignores them moves it 35x the tolerance);
+    evaluation and multiple-choice scoring keep the model's SDPA, as does fp32 training; every
+    pass leaves the model with its own implementation."""
     from fed_crash.config import TrainConfig
+    from fed_crash.core import precision
     from fed_crash.evaluation.mc import score_mc
 
-    model = tiny_llama(layers=4)
+    model = make(layers=4)
     own = model.config._attn_implementation
     assert own == "sdpa"
     emulator = build_emulator(model, make_spec("uniform", 4, bottom=1, top=1, keep=1, share=False))
+    start = {k: v.clone() for k, v in emulator.adapter_state().items()}
     seen: list[str] = []
     for m in (model, emulator.model):
         m.model.layers[0].self_attn.register_forward_pre_hook(lambda module, args, m=m: seen.append(m.config._attn_implementation))
     examples = tokenize(ROWS, tokenizer, max_length=256, template="alpaca")
     pad = pad_id(tokenizer)
 
-    def attended(run) -> set[str]:
+    def attended(run) -> tuple[set[str], object]:
         seen.clear()
-        run()
-        return set(seen)
+        result = run()
+        return set(seen), result
 
-    def train(dtype):
-        train_adapters(emulator, examples, pad, TrainConfig(steps=1, batch_size=2), progress=False, dtype=dtype)
+    def first_loss(dtype) -> float:
+        emulator.load_adapters(start)
+        return train_adapters(emulator, examples, pad, TrainConfig(steps=1, batch_size=2), progress=False, dtype=dtype).first_loss
 
-    assert attended(lambda: train(torch.bfloat16)) == {"eager"}
-    assert attended(lambda: train(torch.float32)) == {own}
+    used, eager = attended(lambda: first_loss(torch.bfloat16))
+    assert used == {"eager"}
+    assert attended(lambda: first_loss(torch.float32))[0] == {own}
+    monkeypatch.setattr(precision, "CPU_BF16_TRAINING_ATTENTION", own)
+    used, fused = attended(lambda: first_loss(torch.bfloat16))
+    assert used == {own} and eager == pytest.approx(fused, rel=2e-4)
     for dtype in (torch.bfloat16, torch.float32):
-        assert attended(lambda: evaluate(model, examples, pad, progress=False, dtype=dtype)) == {own}
-        assert attended(lambda: score_mc(model, tokenizer, [{"query": "Q: which?", "choices": ["a", "b c"], "gold": 0}], dtype=dtype)) == {own}
+        assert attended(lambda: evaluate(model, examples, pad, progress=False, dtype=dtype))[0] == {own}
+        assert attended(lambda: score_mc(model, tokenizer, [{"query": "Q: which?", "choices": ["a", "b c"], "gold": 0}], dtype=dtype))[0] == {own}
     assert model.config._attn_implementation == own and emulator.model.config._attn_implementation == own
 
 
