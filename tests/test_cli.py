@@ -176,13 +176,17 @@ def test_emulator_compare_writes_a_table_and_plot_with_every_method(tiny_model_d
     (["eval", "--task", "t.jsonl", "--fields", "question={q}", "--out", "x"], "expected KEY=VALUE with KEY in"),
     (["plugin", "--adapters", "/no/a.safetensors", "--out", "x"], "adapter file /no/a.safetensors does not exist"),
 ])
-def test_bad_input_is_one_clear_line(tiny_model_dir, args, message, fed_crash_here):
+def test_bad_input_is_one_clear_line(tiny_model_dir, args, message, fed_crash_here, tmp_path):
+    """One line naming the problem, no traceback, and nothing written (``--out`` included)."""
+    out = tmp_path / "out"
+    args = [str(out) if a == "x" else a for a in args]
     if "--model" not in args:
         args = args + ["--model", str(tiny_model_dir)]
     result = fed_crash_here(*args, check=False)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not out.exists()
 
 
 def test_help_explains_every_option():

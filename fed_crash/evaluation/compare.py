@@ -120,12 +120,12 @@ def compare_emulators(
     measured), ``compare.md`` and ``compare.png``."""
     for variant in methods:
         _config(emu, variant, 1, False)  # unknown names fail before the model loads
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_source, cache_dir=cache_dir, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    for keep in budgets:  # a budget that does not fit fails before the data loads or any forward pass
+    for keep in budgets:  # a budget that does not fit fails before anything is written or any forward pass
         make_spec("uniform", len(get_layers(model)), bottom=emu.bottom, top=emu.top, keep=keep)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows = load_instructions(data.data, skip_malformed=data.skip_malformed)
     parts = split_rows(rows, {"eval": eval_examples, "calibration": emu.calib_samples, "train": train_examples if tune_budget else 0}, seed=data.seed)
     held_out = tokenize(parts["eval"], tokenizer, max_length=data.max_length, template=data.template)
