@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +200,12 @@ def _trainable(emulator: Emulator, cfg: TrainConfig):
     return [p for p in peft_model.parameters() if p.requires_grad], peft_model
 
 
+def _epochs(examples: Sequence[Tokenized], batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches without end: epoch after epoch, each shuffled anew (seed + epoch)."""
+    for epoch in itertools.count():
+        yield from batches(examples, batch_size, pad_id, shuffle=True, seed=seed + epoch)
+
+
 def train_adapters(
     emulator: Emulator,
     examples: Sequence[Tokenized],
@@ -233,30 +240,24 @@ def train_adapters(
     bar = tqdm(total=steps, desc="train adapters", disable=not progress, leave=False)
     # the frozen middle in bf16 once, not cast at every step; the attention fastest for training on this device
     with linear_weights_in(dtype, model, frozen_only=True), training_attention(dtype, model):
-        step, epoch = 0, 0
-        while step < steps:
-            for batch in batches(examples, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
-                step_start = time.perf_counter()
-                loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss, dtype)
-                schedule.step()
-                losses.append(loss)
-                step_times.append(time.perf_counter() - step_start)
-                tokens += n
-                step += 1
-                if on_step is not None:
-                    on_step(step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if not progress and (step % max(1, steps // 10) == 0 or step == steps):
-                    log.info("step %d/%d  loss %.4f  %.1fs", step, steps, losses[-1], time.perf_counter() - start)
-                if step >= steps:
-                    break
-            epoch += 1
+        for step, batch in enumerate(itertools.islice(_epochs(examples, cfg.batch_size, pad_id, cfg.seed), steps), start=1):
+            step_start = time.perf_counter()
+            loss, n = _step(model, batch, params, optimizer, cfg.grad_clip, extra_loss, dtype)
+            schedule.step()
+            losses.append(loss)
+            step_times.append(time.perf_counter() - step_start)
+            tokens += n
+            if on_step is not None:
+                on_step(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if not progress and (step % max(1, steps // 10) == 0 or step == steps):
+                log.info("step %d/%d  loss %.4f  %.1fs", step, steps, loss, time.perf_counter() - start)
     bar.close()
     model.eval()
     factors = lora_factors(emulator) if peft_model is not None else {}
     if peft_model is not None:
         peft_model.merge_and_unload()
     tail = losses[-max(1, len(losses) // 10) :]
-    return Training(sum(tail) / len(tail), losses[0], step, sum(p.numel() for p in params), tokens, time.perf_counter() - start,
+    return Training(sum(tail) / len(tail), losses[0], len(losses), sum(p.numel() for p in params), tokens, time.perf_counter() - start,
                     statistics.median(step_times[1:] or step_times), step_times[0], factors)
