@@ -185,6 +185,7 @@ class FederationConfig:
     classes_per_partition: int = opt(2, "labels per client for the pathological partitioner", min=1)
     max_client_examples: int = opt(0, "cap on each client's shard (0 = the whole shard)", min=0)
     eval_examples: int = opt(64, "server-held held-out examples for the per-round plug-in loss", min=1)
+    emulator_eval_every: int = opt(0, "also evaluate the emulator (its held-out loss with the round's adapters) every N rounds; it is always evaluated at round 0 (zero-shot) and at the last round, the plug-in every round (0 = only those two; 1 = every round, one more pass over the held-out rows per round, about 40% of the server's evaluation)", min=0)
     calib_data: str = opt("", "public instruction data for CRaSh calibration ('' = a server-held slice of 'data' that clients never get)")
     shards: str = opt("", "a split folder from 'fed-crash shards': the server reads only its slices there, each client only its own shard file (simulated: shard-<partition>.jsonl there; a SuperNode: its node config's shard-file); '' = every node cuts its shard from 'data'")
     eval_batch_size: int = opt(8, "batch size of server-side evaluation", min=1)

@@ -81,6 +81,20 @@ def test_labels_and_server_slices():
         client_shard(rows(3), FederationConfig(), 0, 5)
 
 
+
+def test_the_emulator_is_evaluated_at_round_0_at_the_last_round_and_every_nth_round_the_plug_in_every_round():
+    from fed_crash.federation.server import emulator_evaluated, round_summary, rounds_table
+
+    assert [r for r in range(6) if emulator_evaluated(r, 5, 0)] == [0, 5]
+    assert [r for r in range(6) if emulator_evaluated(r, 5, 2)] == [0, 2, 4, 5]
+    assert [r for r in range(6) if emulator_evaluated(r, 5, 1)] == [0, 1, 2, 3, 4, 5]
+    line = {"round": 1, "clients": [], "failures": [], "aggregated": True, "bytes_down": 0, "bytes_up": 0, "bytes_down_per_client": {},
+            "bytes_up_per_client": {}, "full_model_bytes": 1, "elapsed_seconds": 9.0, "server": {"plugin_loss": 2.0476, "plugin_ppl": 7.75}}
+    assert "| plug-in loss 2.0476 | emulator loss - |" in round_summary(line, 3)
+    assert rounds_table([line]).splitlines()[-1].startswith("| 1 | 0 | - | 2.0476 | 7.75 | - |")
+    line["server"] |= {"emulator_loss": 4.2386, "emulator_ppl": 69.3}
+    assert "| emulator loss 4.2386 |" in round_summary(line, 3) and "| 4.2386 |" in rounds_table([line])
+
 @pytest.mark.slow
 def test_secure_deployment_with_tls_node_authentication_and_one_shard_file_per_node(fl_files, tmp_path):
     """Flower's deployment runtime: a SuperLink and two SuperNodes as separate processes, TLS on
@@ -188,7 +202,8 @@ def test_fed_crash_simulate_twenty_supernodes_a_quarter_sampled_on_the_ray_dashb
         assert (run_dir / name).is_file(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
-    assert all(line["server"]["plugin_loss"] > 0 and line["server"]["emulator_loss"] > 0 for line in lines)
+    assert all(line["server"]["plugin_loss"] > 0 for line in lines)  # the plug-in every round; the emulator at round 0 and the last
+    assert [line["server"].get("emulator_loss", 0) > 0 for line in lines] == [True, False, True]
     assert all(0 <= line["server"]["plugin_acc"] <= 1 and "plugin_acc_norm" in line["server"] for line in lines)
     assert [len(line["clients"]) for line in lines] == [0, 5, 5]
     assert all(0 < c["num-examples"] <= 16 and c["steps"] == 4 for c in lines[1]["clients"])

@@ -291,9 +291,9 @@ def _mb(n: float) -> str:
 
 class RoundEvaluator:
     """Flower's ``evaluate_fn``: after every round, plug the aggregate into the central model and
-    evaluate it (and the emulator with the same adapters), save the adapters and the strategy's
-    state, append the metrics line, write the checkpoint, log one line; with FedBiOT, re-align
-    the emulator and have every node receive it."""
+    evaluate it (and, in the rounds :func:`emulator_evaluated` names, the emulator with the same
+    adapters), save the adapters and the strategy's state, append the metrics line, write the
+    checkpoint, log one line; with FedBiOT, re-align the emulator and have every node receive it."""
 
     def __init__(self, run: Run, loaded: LoadedModel, spec: EmulatorSpec, similarity: torch.Tensor | None, emulator_folder: Path, strategy) -> None:
         cfg = run.cfg
@@ -318,15 +318,18 @@ class RoundEvaluator:
     def adapters(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dtypes[k]) for k, v in arrays.to_torch_state_dict().items()}
 
-    def scores(self, adapters: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Held-out loss and perplexity of the plug-in and of the emulator, plug-in accuracy on ``mc-task``."""
+    def scores(self, adapters: dict[str, torch.Tensor], *, with_emulator: bool = True) -> dict[str, float]:
+        """Held-out loss and perplexity of the plug-in and (``with_emulator``) of the emulator,
+        plug-in accuracy on ``mc-task``."""
         cfg, model = self.cfg, self.loaded.model
         plug_in(model, adapters)
-        self.emulator.load_adapters(adapters)
         dtype = self.run.dtype
         plugin = evaluate(model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="plug-in", dtype=dtype)
-        emu = evaluate(self.emulator.model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="emulator", dtype=dtype)
-        server = {"plugin_loss": plugin["loss"], "plugin_ppl": plugin["ppl"], "emulator_loss": emu["loss"], "emulator_ppl": emu["ppl"]}
+        server = {"plugin_loss": plugin["loss"], "plugin_ppl": plugin["ppl"]}
+        if with_emulator:
+            self.emulator.load_adapters(adapters)
+            emu = evaluate(self.emulator.model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="emulator", dtype=dtype)
+            server.update({"emulator_loss": emu["loss"], "emulator_ppl": emu["ppl"]})
         if self.run.mc_rows:
             mc = score_mc(model, self.loaded.tokenizer, self.run.mc_rows, batch_size=cfg.fed.eval_batch_size * 4, dtype=dtype)
             server.update({f"plugin_{k}": mc[k] for k in ("acc", "acc_norm", "acc_bytes")})
@@ -389,7 +392,8 @@ class RoundEvaluator:
             server_round = flower_round + self.run.round_offset
             round_start = time.perf_counter()
             adapters = self.adapters(arrays)
-            server = self.zero_shot_scores(adapters) if server_round == 0 else self.scores(adapters)
+            server = (self.zero_shot_scores(adapters) if server_round == 0 else
+                      self.scores(adapters, with_emulator=emulator_evaluated(server_round, self.cfg.fed.num_server_rounds, self.cfg.fed.emulator_eval_every)))
             adapters_file = save_adapters(self.run.folder / "adapters" / f"round-{server_round}.safetensors", adapters,
                                           {"round": server_round, "spec": self.spec.to_dict()})
             aligned = self.realign(server_round) if self.cfg.fed.fedbiot_align_steps > 0 and server_round < self.cfg.fed.num_server_rounds else None
@@ -407,6 +411,15 @@ class RoundEvaluator:
             return MetricRecord({k: float(v) for k, v in server.items()})
 
         return evaluate_and_record
+
+
+def emulator_evaluated(server_round: int, rounds: int, every: int) -> bool:
+    """Whether round ``server_round`` of ``rounds`` evaluates the emulator besides the plug-in:
+    round 0 (zero-shot: where the emulator-to-model gap starts) and the last round (where it
+    ends) always, in between every ``every``-th round (0: none). An emulator pass is about 40%
+    of a round's evaluation, and the clients' training loss already follows the emulator's fit
+    round by round."""
+    return server_round in (0, rounds) or (every > 0 and server_round % every == 0)
 
 
 def metrics_line(server_round: int, server: dict, traffic: P.RoundTraffic, full_bytes: int, aligned: dict | None, *,
@@ -448,11 +461,12 @@ def round_summary(line: dict, rounds: int) -> str:
     examples = sum(c[P.NUM_EXAMPLES] for c in clients)
     train_loss = f"{sum(c['train-loss'] * c[P.NUM_EXAMPLES] for c in clients) / examples:.3f}" if examples else "-"
     acc = f" | acc {server['plugin_acc']:.3f}" if "plugin_acc" in server else ""
+    emulator = f"{server['emulator_loss']:.4f}" if "emulator_loss" in server else "-"
     extras = f" | epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g}" if privacy else ""
     extras += f" | emulator aligned {aligned['first_loss']:.4f} -> {aligned['last_loss']:.4f}" if aligned else ""
     extras += " | previous adapters kept" if line["round"] > 0 and not line["aggregated"] else ""
     return (f"round {line['round']}/{rounds} | clients {len(clients)} ok {len(line['failures'])} failed | train loss {train_loss} "
-            f"| plug-in loss {server['plugin_loss']:.4f} | emulator loss {server['emulator_loss']:.4f}{acc} "
+            f"| plug-in loss {server['plugin_loss']:.4f} | emulator loss {emulator}{acc} "
             f"| down {_mb(line['bytes_down'])} up {_mb(line['bytes_up'])}{extras} | {line['elapsed_seconds']:.0f}s")
 
 
@@ -485,9 +499,10 @@ def rounds_table(history: list[dict]) -> str:
         examples = sum(c[P.NUM_EXAMPLES] for c in clients)
         train = f"{sum(c['train-loss'] * c[P.NUM_EXAMPLES] for c in clients) / examples:.3f}" if examples else "-"
         acc = f"{server['plugin_acc']:.3f}" if "plugin_acc" in server else "-"
+        emulator = f"{server['emulator_loss']:.4f}" if "emulator_loss" in server else "-"
         traffic = f"{down / 1e6:.1f} | {up / 1e6:.1f} | {down / full:.3f} | {up / full:.3f}" if clients else "- | - | - | -"
         rows.append(f"| {h['round']} | {len(clients)} | {train} | {server['plugin_loss']:.4f} | {server['plugin_ppl']:.2f} "
-                    f"| {server['emulator_loss']:.4f} | {acc} | {traffic} |")
+                    f"| {emulator} | {acc} | {traffic} |")
     return "\n".join(rows)
 
 
@@ -498,7 +513,9 @@ def plot_history(history: list[dict], path: Path) -> None:
     with figure(path, figsize=(10 if has_acc else 6, 4), ncols=2 if has_acc else 1, squeeze=False, dpi=110) as (_, axes):
         ax = axes[0][0]
         ax.plot(rounds, [h["server"]["plugin_loss"] for h in history], "o-", label="plug-in (held-out)")
-        ax.plot(rounds, [h["server"]["emulator_loss"] for h in history], "s--", label="emulator (held-out)")
+        emulator = [(h["round"], h["server"]["emulator_loss"]) for h in history if "emulator_loss" in h["server"]]
+        if emulator:
+            ax.plot(*zip(*emulator), "s--", label="emulator (held-out)")
         train = [(h["round"], sum(c["train-loss"] for c in h["clients"]) / len(h["clients"])) for h in history if h["clients"]]
         if train:
             ax.plot(*zip(*train), "^:", label="clients (training)")
