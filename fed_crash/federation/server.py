@@ -323,11 +323,11 @@ class RoundEvaluator:
         plug-in accuracy on ``mc-task``."""
         cfg, model = self.cfg, self.loaded.model
         plug_in(model, adapters)
+        self.emulator.load_adapters(adapters)  # evaluated or not: FedBiOT's alignment starts from the emulator with this round's adapters
         dtype = self.run.dtype
         plugin = evaluate(model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="plug-in", dtype=dtype)
         server = {"plugin_loss": plugin["loss"], "plugin_ppl": plugin["ppl"]}
         if with_emulator:
-            self.emulator.load_adapters(adapters)
             emu = evaluate(self.emulator.model, self.held_out, self.pad, batch_size=cfg.fed.eval_batch_size, progress=cfg.fed.progress, desc="emulator", dtype=dtype)
             server.update({"emulator_loss": emu["loss"], "emulator_ppl": emu["ppl"]})
         if self.run.mc_rows:
