@@ -81,7 +81,6 @@ def test_labels_and_server_slices():
         client_shard(rows(3), FederationConfig(), 0, 5)
 
 
-
 def test_the_emulator_is_evaluated_at_round_0_at_the_last_round_and_every_nth_round_the_plug_in_every_round():
     from fed_crash.federation.server import emulator_evaluated, round_summary, rounds_table
 
@@ -94,6 +93,7 @@ def test_the_emulator_is_evaluated_at_round_0_at_the_last_round_and_every_nth_ro
     assert rounds_table([line]).splitlines()[-1].startswith("| 1 | 0 | - | 2.0476 | 7.75 | - |")
     line["server"] |= {"emulator_loss": 4.2386, "emulator_ppl": 69.3}
     assert "| emulator loss 4.2386 |" in round_summary(line, 3) and "| 4.2386 |" in rounds_table([line])
+
 
 @pytest.mark.slow
 def test_secure_deployment_with_tls_node_authentication_and_one_shard_file_per_node(fl_files, tmp_path):

@@ -285,12 +285,14 @@ def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], load_file(straight / "adapters/round-2.safetensors")[k]) for k in a)
     assert (resumed / "adapters/round-4.optimizer.safetensors").is_file()
-    plug_in = [[{k: v for k, v in reproducible(line)["server"].items() if not k.startswith("emulator_")} for line in metrics(run)] for run in (resumed, straight)]
-    assert plug_in[0] == plug_in[1]
+    lines = {"resumed": metrics(resumed), "straight": metrics(straight)}
+    servers = {name: [reproducible(line)["server"] for line in run] for name, run in lines.items()}
+    plug_in = {name: [{k: v for k, v in server.items() if not k.startswith("emulator_")} for server in run] for name, run in servers.items()}
+    assert plug_in["resumed"] == plug_in["straight"]
     # the emulator is evaluated at round 0 and at each leg's last round: round 2 too when the run was to end there
-    assert [[("emulator_loss" in line["server"]) for line in metrics(run)] for run in (resumed, straight)] == [[True, False, True, False, True], [True, False, False, False, True]]
-    assert [metrics(run)[r]["server"]["emulator_loss"] for run in (resumed, straight) for r in (0, 4)] == [metrics(straight)[r]["server"]["emulator_loss"] for r in (0, 4)] * 2
-    assert any(line["failures"] for line in metrics(straight))  # the bad updates happened, and were rejected alike
+    assert [["emulator_loss" in server for server in servers[name]] for name in ("resumed", "straight")] == [[True, False, True, False, True], [True, False, False, False, True]]
+    assert [servers["resumed"][r]["emulator_loss"] for r in (0, 4)] == [servers["straight"][r]["emulator_loss"] for r in (0, 4)]
+    assert any(line["failures"] for line in lines["straight"])  # the bad updates happened, and were rejected alike
 
     from fed_crash.tools.cli import main
 
@@ -301,7 +303,6 @@ def test_a_resumed_run_ends_with_the_adapters_of_an_uninterrupted_one(files, tmp
     assert [line["round"] for line in metrics(resumed)] == [0, 1, 2, 3, 4, 5]
 
 
-
 def test_evaluating_the_emulator_every_round_or_not_changes_nothing_else(files, tmp_path):
     """``emulator-eval-every`` only adds the emulator's scores: the adapters, the plug-in's
     scores and FedBiOT's alignment (which starts from the server's emulator holding the round's
@@ -309,14 +310,16 @@ def test_evaluating_the_emulator_every_round_or_not_changes_nothing_else(files, 
     common = {"num-server-rounds": 3, "fedbiot-align-steps": 2, "fedbiot-lambda": 0.01, "emulator.calib-samples": 8}
     every = serve_local(local_config(files, tmp_path / "every", **common, **{"emulator-eval-every": 1}))
     ends = serve_local(local_config(files, tmp_path / "ends", **common))  # the default: round 0 and the last round
-    assert [("emulator_loss" in line["server"]) for line in metrics(every)] == [True] * 4
-    assert [("emulator_loss" in line["server"]) for line in metrics(ends)] == [True, False, False, True]
-    for line_every, line_ends in zip(metrics(every), metrics(ends)):
+    lines_every, lines_ends = metrics(every), metrics(ends)
+    assert [("emulator_loss" in line["server"]) for line in lines_every] == [True] * 4
+    assert [("emulator_loss" in line["server"]) for line in lines_ends] == [True, False, False, True]
+    for line_every, line_ends in zip(lines_every, lines_ends):
         assert {k: v for k, v in line_every["server"].items() if k in line_ends["server"]} == line_ends["server"]
         assert line_every.get("alignment") == line_ends.get("alignment")
-    assert all(line["alignment"] for line in metrics(ends)[:3])  # aligned after rounds 0-2
+    assert all(line["alignment"] for line in lines_ends[:3])  # aligned after rounds 0-2
     a, b = load_file(every / "adapters/final.safetensors"), load_file(ends / "adapters/final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 class EvaluationsAtTrainPush(LocalGrid):
     """A LocalGrid that notes, whenever train messages are pushed, how many rounds the server

@@ -455,18 +455,22 @@ def metrics_line(server_round: int, server: dict, traffic: P.RoundTraffic, full_
     }
 
 
+def _emulator_loss(server: dict) -> str:
+    """The emulator's held-out loss, or "-" in a round that did not evaluate it (:func:`emulator_evaluated`)."""
+    return f"{server['emulator_loss']:.4f}" if "emulator_loss" in server else "-"
+
+
 def round_summary(line: dict, rounds: int) -> str:
     """The console's line for one round."""
     clients, server, privacy, aligned = line["clients"], line["server"], line.get("privacy"), line.get("alignment")
     examples = sum(c[P.NUM_EXAMPLES] for c in clients)
     train_loss = f"{sum(c['train-loss'] * c[P.NUM_EXAMPLES] for c in clients) / examples:.3f}" if examples else "-"
     acc = f" | acc {server['plugin_acc']:.3f}" if "plugin_acc" in server else ""
-    emulator = f"{server['emulator_loss']:.4f}" if "emulator_loss" in server else "-"
     extras = f" | epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g}" if privacy else ""
     extras += f" | emulator aligned {aligned['first_loss']:.4f} -> {aligned['last_loss']:.4f}" if aligned else ""
     extras += " | previous adapters kept" if line["round"] > 0 and not line["aggregated"] else ""
     return (f"round {line['round']}/{rounds} | clients {len(clients)} ok {len(line['failures'])} failed | train loss {train_loss} "
-            f"| plug-in loss {server['plugin_loss']:.4f} | emulator loss {emulator}{acc} "
+            f"| plug-in loss {server['plugin_loss']:.4f} | emulator loss {_emulator_loss(server)}{acc} "
             f"| down {_mb(line['bytes_down'])} up {_mb(line['bytes_up'])}{extras} | {line['elapsed_seconds']:.0f}s")
 
 
@@ -499,10 +503,9 @@ def rounds_table(history: list[dict]) -> str:
         examples = sum(c[P.NUM_EXAMPLES] for c in clients)
         train = f"{sum(c['train-loss'] * c[P.NUM_EXAMPLES] for c in clients) / examples:.3f}" if examples else "-"
         acc = f"{server['plugin_acc']:.3f}" if "plugin_acc" in server else "-"
-        emulator = f"{server['emulator_loss']:.4f}" if "emulator_loss" in server else "-"
         traffic = f"{down / 1e6:.1f} | {up / 1e6:.1f} | {down / full:.3f} | {up / full:.3f}" if clients else "- | - | - | -"
         rows.append(f"| {h['round']} | {len(clients)} | {train} | {server['plugin_loss']:.4f} | {server['plugin_ppl']:.2f} "
-                    f"| {emulator} | {acc} | {traffic} |")
+                    f"| {_emulator_loss(server)} | {acc} | {traffic} |")
     return "\n".join(rows)
 
 
